@@ -1,0 +1,147 @@
+"""How much does skipping each layer, and each skip ratio, cost? (`nested-reft calibrate-skips`)
+
+On N training prompts, completions are sampled with the full model. Then:
+
+(a) per eligible layer i: the mean per-token KL(full || full without layer i) over the completion tokens, and
+    the block influence 1 - cos(h_in, h_out) of the layer on the same tokens (how much it changes the residual);
+(b) per ratio: the k cheapest layers by (a) form the skip set; on the full model's samples we measure KL and
+    greedy-token agreement, and on samples drawn from that skipped view the importance weights
+    rho = exp(lp_full - lp_skipped) a training run would see (mean, p95, max, ESS), and the rollout
+    tokens/sec against the full model, timed side by side at a fixed completion length.
+
+The report's `layer_weights` (exp(-KL_i / mean KL)) is what `skipping.strategy: calibrated` samples from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from nested_reft.data import load_examples
+from nested_reft.errors import UserError
+from nested_reft.models import load_model
+from nested_reft.objective import completion_hidden_states, completion_log_probs, correction_stats
+from nested_reft.prompts import encode_prompts, eos_token_ids
+from nested_reft.recipe import Recipe
+from nested_reft.rollout import Rollout, generate
+from nested_reft.rundir import resolve_model_path
+from nested_reft.sampling import SamplingParams, log_probs
+from nested_reft.skipping import SkipSampler, decoder_layers, skip_layers
+
+Progress = Callable[[str], None]
+
+
+def _sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask, completion mask, prompt width) of a rollout's prompt+completion rows."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], dim=1)
+    return ids, attention, rollout.completion_mask, rollout.prompt_ids.shape[1]
+
+
+@torch.no_grad()
+def compare_to_full(model, full_hidden: torch.Tensor, rollout: Rollout, skip: tuple[int, ...], params: SamplingParams,
+                    chunk_size: int = 512) -> tuple[float, float]:
+    """(mean KL(full || skipped), greedy agreement) over the rollout's completion tokens.
+
+    `full_hidden` is the full model's `completion_hidden_states` for the rollout; the LM head is applied in
+    chunks so no [tokens, V] tensor is held for all tokens at once.
+    """
+    ids, attention, mask, width = _sequences(rollout)
+    with skip_layers(model, skip):
+        skipped_hidden = completion_hidden_states(model, ids, attention, width)
+    valid = mask.reshape(-1)
+    kl_sum, agree, n = 0.0, 0, int(valid.sum())
+    for hf, hs, v in zip(full_hidden.split(chunk_size), skipped_hidden.split(chunk_size), valid.split(chunk_size)):
+        lf, ls = log_probs(model.lm_head(hf[v]), params), log_probs(model.lm_head(hs[v]), params)
+        kl_sum += (lf.exp() * (lf - ls)).sum().item()
+        agree += (lf.argmax(-1) == ls.argmax(-1)).sum().item()
+    return kl_sum / n, agree / n
+
+
+@torch.no_grad()
+def block_influence(model, rollout: Rollout) -> list[float]:
+    """1 - cos(h_in, h_out) of every decoder layer, averaged over the completion positions."""
+    ids, attention, mask, width = _sequences(rollout)
+    positions = torch.zeros_like(attention, dtype=torch.bool)
+    positions[:, width - 1 : -1] = mask  # hidden states that predict completion tokens
+    scores: list[float] = []
+
+    def hook(_module, args, kwargs, output):
+        h_in = args[0] if args else kwargs["hidden_states"]
+        h_out = output[0] if isinstance(output, tuple) else output
+        cos = torch.nn.functional.cosine_similarity(h_in[positions].float(), h_out[positions].float(), dim=-1)
+        scores.append((1 - cos).mean().item())
+
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
+    try:
+        model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return scores
+
+
+def calibrate(recipe: Recipe, ratios: list[float], num_prompts: int, progress: Progress = lambda _: None) -> dict[str, Any]:
+    """Measure per-layer and per-ratio skipping costs on `num_prompts` training prompts; returns the report."""
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise UserError(f"--ratios: expected values in (0, 1), found {ratios}")
+    source = resolve_model_path(recipe.model.name_or_path)
+    model, tokenizer = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device)
+    num_layers = len(decoder_layers(model))
+    skipping = recipe.skipping
+    eligible = list(range(skipping.keep_first, num_layers - skipping.keep_last))
+    if not eligible:
+        raise UserError(f"skipping.keep_first/keep_last: no eligible layer among {num_layers}")
+    examples = load_examples(recipe.data.train, split=recipe.data.train_split, limit=num_prompts, seed=recipe.run.seed)
+    prompts = encode_prompts(tokenizer, [e.question for e in examples[:num_prompts]], recipe.data)
+    params = SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p)
+    length = recipe.rollout.max_completion_length
+
+    def sample(skip: tuple[int, ...] = (), fixed_length: bool = False) -> Rollout:
+        return generate(model, prompts, max_new_tokens=length, params=params, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_ids=eos_token_ids(tokenizer, model.generation_config), skip=skip,
+                        seed=recipe.run.seed, min_new_tokens=length if fixed_length else 0)
+
+    progress("sampling with the full model")
+    reference = sample()
+    ids, attention, _, width = _sequences(reference)
+    with torch.no_grad():
+        full_hidden = completion_hidden_states(model, ids, attention, width)
+    influence = block_influence(model, reference)
+
+    layers = []
+    for i in eligible:
+        progress(f"layer {i}")
+        kl, agreement = compare_to_full(model, full_hidden, reference, (i,), params)
+        layers.append({"layer": i, "kl": kl, "greedy_agreement": agreement, "block_influence": influence[i]})
+    mean_kl = sum(entry["kl"] for entry in layers) / len(layers)
+    weights = {str(e["layer"]): math.exp(-e["kl"] / mean_kl) if mean_kl > 0 else 1.0 for e in layers}
+    cheapest = [e["layer"] for e in sorted(layers, key=lambda e: e["kl"])]
+
+    rows = []
+    for ratio in ratios:
+        progress(f"ratio {ratio}")
+        sampler = SkipSampler(num_layers, ratio=ratio, keep_first=skipping.keep_first, keep_last=skipping.keep_last)
+        skip = tuple(sorted(cheapest[: len(sampler.sample()[1])]))
+        kl, agreement = compare_to_full(model, full_hidden, reference, skip, params)
+        behavior = sample(skip)
+        b_ids, b_attention, b_mask, b_width = _sequences(behavior)
+        with torch.no_grad():
+            lp_full = completion_log_probs(model, b_ids, b_attention, b_width, params)
+        rho = torch.exp(lp_full - behavior.behavior_log_probs)[b_mask]
+        # The weights of the `is` correction are rho itself: its ESS is the one training would see.
+        stats = correction_stats(rho, lp_full[b_mask], behavior.behavior_log_probs[b_mask],
+                                 torch.ones_like(rho, dtype=torch.bool))
+        full_tps, skip_tps = sample((), True).tokens_per_second, sample(skip, True).tokens_per_second
+        rows.append({"ratio": ratio, "num_skipped": len(skip), "skipped_layers": list(skip), "kl": kl,
+                     "greedy_agreement": agreement, "rho_mean": rho.mean().item(),
+                     "rho_p95": torch.quantile(rho.double(), 0.95).item(), "rho_max": rho.max().item(),
+                     "ess": stats["ess"], "tokens_per_sec": skip_tps, "full_tokens_per_sec": full_tps,
+                     "speedup": skip_tps / full_tps, "ideal_speedup": num_layers / (num_layers - len(skip))})
+    return {"model": source, "num_layers": num_layers, "eligible_layers": eligible, "num_prompts": len(prompts),
+            "max_completion_length": length, "sampling": asdict(params), "layers": layers,
+            "layer_weights": weights, "ratios": rows}

@@ -1,0 +1,1 @@
+"""The `nested-reft` command line: thin adapters from flags to library functions."""

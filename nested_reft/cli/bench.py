@@ -1,0 +1,65 @@
+"""`nested-reft bench RECIPE --compare baseline`: rollout or training-step speed with and without skipping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from nested_reft.bench import bench as run_bench
+from nested_reft.bench import plot as draw_plot
+from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides
+from nested_reft.errors import UserError
+from nested_reft.rundir import atomic_write_json
+
+
+def bench(
+    recipe: Optional[Path] = RecipeArgument,
+    overrides: Optional[list[str]] = SetOption,
+    compare: str = typer.Option("baseline", help="What to compare against; only 'baseline' (the full model)."),
+    skip_ratios: str = typer.Option("0.1,0.25,0.4", help="Comma-separated skip ratios."),
+    repeats: int = typer.Option(3, min=1, help="Interleaved repeats per mode; medians are reported."),
+    what: str = typer.Option("rollout", help="'rollout' (generation only) or 'train' (whole step)."),
+    report: Optional[Path] = typer.Option(None, help="JSON report. Default: <run.output_dir>/reports/bench.json."),
+    plot: Optional[Path] = typer.Option(None, help="Also draw tokens/sec against skip ratio to this PNG."),
+) -> None:
+    """The same rollouts (or training steps) with the full model and with each skip ratio, side by side."""
+    if compare != "baseline":
+        raise UserError(f"--compare: expected 'baseline', found {compare!r}")
+    if what not in ("rollout", "train"):
+        raise UserError(f"--what: expected 'rollout' or 'train', found {what!r}")
+    cfg = recipe_and_overrides(recipe, overrides)
+    ratios = parse_ratios(skip_ratios, "--skip-ratios")
+    report = report or Path(cfg.run.output_dir) / "reports" / "bench.json"
+    with Progress(transient=True) as progress:
+        task = progress.add_task("bench", total=None)
+        result = run_bench(cfg, ratios, repeats=repeats, what=what,
+                           progress=lambda stage: progress.update(task, description=stage))
+    atomic_write_json(report, result)
+    if plot:
+        draw_plot(result, plot)
+
+    table = Table(title=f"bench ({what}): {result['model']} on {result['device']}, {result['num_layers']} layers, "
+                        f"{result['settings']['sequences']} x {result['settings']['completion_length']} tokens")
+    columns = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "efficiency"]
+    if what == "train":
+        columns += ["step s", "generate s", "score s", "train s", "step speedup"]
+    for name in columns:
+        table.add_column(name, justify="right")
+    by_ratio = {c["skip_ratio"]: c for c in result["comparisons"]}
+    for r in result["results"]:
+        c = by_ratio.get(r["skip_ratio"]) if r["mode"] == "nested" else None
+        ratios = [f"{c[k]:.3f}" for k in ("speedup", "ideal_speedup", "efficiency")] if c else ["1.000", "1.000", "-"]
+        row = [r["mode"], f"{r['skip_ratio']:.2f}", str(len(r["skipped_layers"])), f"{r['tokens_per_sec']:.1f}",
+               f"{r['prefill_seconds']:.2f}", f"{r['decode_seconds']:.2f}", f"{r['peak_memory_mb']:.0f}", *ratios]
+        if what == "train":
+            row += [f"{r[k]:.2f}" for k in ("step_seconds", "generate_seconds", "score_seconds", "train_seconds")]
+            row.append(f"{c['step_speedup']:.3f}" if c else "1.000")
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print(f"report: {report}" + (f"   plot: {plot}" if plot else ""))

@@ -1,0 +1,57 @@
+"""`nested-reft evaluate`: accuracy of a model or checkpoint, as a JSON report and an exit code CI can gate on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides
+from nested_reft.evaluate import evaluate as run_evaluation
+from nested_reft.rundir import resolve_model_path
+
+
+def evaluate(
+    recipe: Optional[Path] = RecipeArgument,
+    overrides: Optional[list[str]] = SetOption,
+    model: Optional[str] = typer.Option(None, help="Model folder, alias, .gguf or run directory (its latest checkpoint). Default: the recipe's model."),
+    data: Optional[str] = typer.Option(None, help="Data file, preset or 'arithmetic'. Default: the recipe's data.eval."),
+    split: Optional[str] = typer.Option(None, help="Split of a preset or built-in source. Default: data.eval_split."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Evaluate the first N examples. Default: data.eval_limit."),
+    samples: int = typer.Option(1, min=1, help="Completions per example (K); K > 1 adds pass@k and maj@k."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Default: rollout.max_completion_length."),
+    report: Optional[Path] = typer.Option(None, help="JSON report path. Default: <run>/reports/evaluate.json for a run directory, else reports/evaluate.json."),
+    min_accuracy: Optional[float] = typer.Option(None, help="Exit with code 1 when pass@1 is below this."),
+) -> None:
+    """Measure pass@1 (and pass@k, maj@k) with the full model; write a JSON report and per-example JSONL."""
+    cfg = recipe_and_overrides(recipe, overrides)
+    model_spec = model or cfg.model.name_or_path
+    data_spec = data or cfg.data.eval or cfg.data.train
+    if report is None:
+        is_run = resolve_model_path(model_spec) != model_spec
+        report = (Path(model_spec) / "reports" if is_run else Path("reports")) / "evaluate.json"
+    with Progress(transient=True) as progress:
+        task = progress.add_task("evaluate", total=None)
+        result = run_evaluation(
+            model_spec, data_spec, split=split or cfg.data.eval_split,
+            limit=limit if limit is not None else cfg.data.eval_limit, samples=samples, temperature=temperature,
+            max_new_tokens=max_new_tokens or cfg.rollout.max_completion_length, data_cfg=cfg.data,
+            reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device, seed=cfg.run.seed,
+            report_path=report, on_batch=lambda n: progress.advance(task, n),
+        )
+    table = Table(title=f"evaluate {result['model']} on {result['data']} (n={result['n']})")
+    for key in (*result["metrics"], "tokens/sec", "seconds"):
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{v:.3f}" for v in result["metrics"].values()), f"{result['tokens_per_sec']:.1f}",
+                  f"{result['seconds']:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(f"report: {report}  examples: {report.with_suffix('.examples.jsonl')}")
+    if min_accuracy is not None and result["metrics"]["pass@1"] < min_accuracy:
+        console.print(f"[red]pass@1 {result['metrics']['pass@1']:.3f} is below --min-accuracy {min_accuracy}[/]")
+        raise typer.Exit(1)

@@ -1,0 +1,33 @@
+"""Options shared by every command that takes a recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+RecipeArgument = typer.Argument(None, help="Recipe YAML file (omitted: all defaults).", show_default=False)
+SetOption = typer.Option(
+    None, "--set", help="Override a recipe field, typed like the field: --set train.steps=3 (repeatable)."
+)
+
+
+def recipe_and_overrides(recipe: Optional[Path], overrides: Optional[list[str]]):
+    """Load the recipe with its --set overrides (UserError on any problem)."""
+    from nested_reft.recipe import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+def parse_ratios(text: str, flag: str) -> list[float]:
+    """'0.1,0.25,0.4' -> [0.1, 0.25, 0.4]; anything else is a one-line error naming the flag."""
+    from nested_reft.errors import UserError
+
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated numbers such as 0.1,0.25,0.4, found {text!r}") from None
+    if not values or any(not 0.0 < v < 1.0 for v in values):
+        raise UserError(f"{flag}: expected ratios in (0, 1), found {text!r}")
+    return values

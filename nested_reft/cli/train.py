@@ -1,0 +1,42 @@
+"""`nested-reft train RECIPE`: the RL loop, with a live display of each step's metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides
+from nested_reft.trainer import train as run_training
+
+
+def train(
+    recipe: Optional[Path] = RecipeArgument,
+    overrides: Optional[list[str]] = SetOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in run.output_dir from its latest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever run is in run.output_dir."),
+) -> None:
+    """Train with GRPO on rollouts from the layer-skipped behavior model (baseline ReFT when nothing is skipped)."""
+    cfg = recipe_and_overrides(recipe, overrides)
+    console = Console()
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[last]}")]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=cfg.train.steps, last="loading model and data")
+
+        def on_step(row: dict) -> None:
+            line = (f"reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  skip {row['skip_ratio']:.2f}  "
+                    f"ess {row['ess']:.3f}  loss {row['loss']:+.4f}  {row['rollout_tokens_per_sec']:.0f} tok/s")
+            if "eval_pass@1" in row:
+                line += f"  eval pass@1 {row['eval_pass@1']:.3f}"
+            progress.update(task, completed=row["step"], last=line)
+
+        run = run_training(cfg, resume=resume, overwrite=overwrite, on_step=on_step)
+    console.print(f"run directory: [bold]{run.root}[/]  (metrics: {run.metrics_path}, "
+                  f"latest checkpoint: {run.latest_checkpoint()})")
+    reports = sorted(run.reports_dir.glob("eval-step-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    if reports:
+        console.print(f"eval report: [bold]{reports[-1]}[/]")

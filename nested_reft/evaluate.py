@@ -1,0 +1,129 @@
+"""Accuracy of a model on a data set: pass@1, pass@k and maj@k, with the full model and the rollout engine.
+
+`evaluate_examples` is the library entry point (train calls it every `eval_every` steps); `evaluate` adds
+what the `evaluate` command needs around it: resolving the model and data, and writing the report files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nested_reft.data import Example, load_examples
+from nested_reft.models import load_model
+from nested_reft.prompts import encode_prompts, eos_token_ids
+from nested_reft.recipe import DataConfig, RewardConfig
+from nested_reft.rewards import answers_match, math_reward
+from nested_reft.rollout import generate
+from nested_reft.rundir import atomic_write_json, atomic_write_text, resolve_model_path
+from nested_reft.sampling import SamplingParams
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    # The product form avoids the huge binomials of the closed form.
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def majority_correct(predicted: list[str | None], correct: list[bool], timeout_s: float) -> bool:
+    """Whether the most frequent answer (equivalent answers counted together, ties to the earliest) is correct."""
+    clusters: list[list[int]] = []  # indices of equivalent predictions, in order of first appearance
+    for i, answer in enumerate(predicted):
+        if answer is None:
+            continue
+        for cluster in clusters:
+            if answers_match(answer, predicted[cluster[0]], timeout_s=timeout_s):
+                cluster.append(i)
+                break
+        else:
+            clusters.append([i])
+    if not clusters:
+        return False
+    best = max(clusters, key=len)  # max keeps the first of equal-sized clusters
+    return correct[best[0]]
+
+
+@dataclass
+class EvalReport:
+    """Metrics, settings and per-example records of one evaluation."""
+
+    metrics: dict[str, float]
+    settings: dict[str, Any]
+    n: int
+    seconds: float
+    tokens_per_sec: float
+    records: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+    def to_dict(self, *, model: str, data: str) -> dict[str, Any]:
+        return {"model": model, "data": data, "settings": self.settings, "metrics": self.metrics, "n": self.n,
+                "seconds": self.seconds, "tokens_per_sec": self.tokens_per_sec}
+
+
+def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataConfig, *, samples: int = 1,
+                      temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
+                      reward_cfg: RewardConfig = RewardConfig(), seed: int = 0, batch_size: int = 16,
+                      on_batch=None) -> EvalReport:
+    """Sample `samples` completions per example with the full model and score them.
+
+    pass@1 is the mean accuracy over all samples (greedy when samples == 1 and temperature == 0); with
+    samples > 1 the report adds pass@k and maj@k for k = samples.
+    """
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    eos = eos_token_ids(tokenizer, model.generation_config)
+    prompts_per_batch = max(1, batch_size // samples)
+    records, tokens, gen_seconds, start = [], 0, 0.0, time.perf_counter()
+    for b in range(0, len(examples), prompts_per_batch):
+        chunk = examples[b : b + prompts_per_batch]
+        rollout = generate(model, encode_prompts(tokenizer, [e.question for e in chunk], data_cfg),
+                           num_generations=samples, max_new_tokens=max_new_tokens, params=params,
+                           eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, seed=seed + b)
+        tokens += rollout.tokens_generated
+        gen_seconds += rollout.prefill_seconds + rollout.decode_seconds
+        ids = [row[mask].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        for j, ex in enumerate(chunk):
+            completions = texts[j * samples : (j + 1) * samples]
+            results = [math_reward(t, ex.answer, last_number_fallback=reward_cfg.last_number_fallback,
+                                   timeout_s=reward_cfg.timeout_s) for t in completions]
+            records.append({"id": ex.id, "question": ex.question, "gold": ex.answer, "completions": completions,
+                            "predicted": [r.predicted for r in results],
+                            "correct": [r.reason == "correct" for r in results]})
+        if on_batch:
+            on_batch(len(chunk))
+
+    n = len(records)
+    correct = [sum(r["correct"]) for r in records]
+    metrics = {"pass@1": sum(c / samples for c in correct) / n if n else 0.0}
+    if samples > 1:
+        metrics["pass@k"] = sum(pass_at_k(samples, c, samples) for c in correct) / n if n else 0.0
+        metrics["maj@k"] = sum(majority_correct(r["predicted"], r["correct"], reward_cfg.timeout_s)
+                               for r in records) / n if n else 0.0
+    settings = {"samples": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                "seed": seed}
+    return EvalReport(metrics, settings, n, time.perf_counter() - start,
+                      tokens / gen_seconds if gen_seconds else 0.0, records)
+
+
+def evaluate(model_spec: str, data_spec: str, *, split: str, limit: int | None, samples: int, temperature: float,
+             max_new_tokens: int, data_cfg: DataConfig, reward_cfg: RewardConfig, dtype: str, device: str,
+             seed: int, report_path: Path, on_batch=None) -> dict[str, Any]:
+    """Evaluate a model (path, alias or run directory) on a data set; writes the JSON report and, beside it, the
+    per-example JSONL. Returns the report."""
+    path = resolve_model_path(model_spec)
+    examples = load_examples(data_spec, split=split, limit=limit, seed=seed)
+    model, tokenizer = load_model(path, dtype=dtype, device=device)
+    result = evaluate_examples(model, tokenizer, examples, data_cfg, samples=samples, temperature=temperature,
+                               max_new_tokens=max_new_tokens, reward_cfg=reward_cfg, seed=seed, on_batch=on_batch)
+    report = result.to_dict(model=path, data=data_spec)
+    atomic_write_json(report_path, report)
+    atomic_write_text(report_path.with_suffix(".examples.jsonl"),
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
+    return report

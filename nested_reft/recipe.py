@@ -1,0 +1,233 @@
+"""Recipes: one YAML file, validated into typed configuration.
+
+A recipe has one section per concern (run, model, data, rollout, skipping, objective, reward, optimizer,
+train). Every field has a default, so a recipe only states what differs. Names follow TRL's GRPOConfig where
+users already know them (`num_generations`, `epsilon`, `beta`, `loss_type`, `scale_rewards`, ...).
+
+Validation is pydantic's; this module only turns its errors into one line naming the file, the dotted field
+path, what was expected and what was found, with a "did you mean" for misspelt keys. Command-line overrides
+(`--set train.steps=3`) are parsed as YAML scalars and merged before validation, so they are typed exactly
+like the field they set.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nested_reft.errors import UserError
+
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    output_dir: str = Field("runs/quickstart", description="The run directory (recipe, metrics, checkpoints, reports).")
+    seed: int = Field(0, description="Seeds data order, skip sets, sampling and initialisation.")
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="Embedded alias, local Hugging Face folder, .gguf file, run directory or hub id.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DataConfig(Section):
+    train: str = Field("arithmetic", description="Project JSONL file, or a prepare-data SOURCE prepared in memory.")
+    train_split: str = "train"
+    train_limit: int | None = Field(None, ge=1)
+    eval: str | None = Field("arithmetic", description="Evaluation set (same forms as `train`); null disables eval.")
+    eval_split: str = "test"
+    eval_limit: int | None = Field(50, ge=1)
+    system_prompt: str | None = Field(
+        "Solve the math problem step by step. End with the final answer on its own line as '#### <number>'.",
+        description="System message of the chat template (null: none).",
+    )
+    chat_template: bool = Field(True, description="Wrap questions with the tokenizer's chat template.")
+    max_prompt_length: int = Field(256, ge=8, description="Prompts longer than this (in tokens) are left-truncated.")
+
+
+class RolloutConfig(Section):
+    num_generations: int = Field(4, ge=1, description="Completions per prompt (the GRPO group size G).")
+    max_completion_length: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+
+
+class SkippingConfig(Section):
+    strategy: Literal["random", "contiguous", "fixed", "calibrated"] = "random"
+    ratio: float | list[float] = Field(0.0, description="Fraction of decoder layers skipped; a list is drawn from per batch.")
+    ratio_range: tuple[float, float] | None = Field(None, description="[lo, hi]: ratio drawn uniformly per batch.")
+    layers: list[int] | None = Field(None, description="The skipped layers for strategy 'fixed'.")
+    keep_first: int = Field(1, ge=0, description="The first N layers are never skipped.")
+    keep_last: int = Field(1, ge=0, description="The last N layers are never skipped.")
+    calibration_file: str | None = Field(None, description="calibrate-skips output read by strategy 'calibrated'.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SkippingConfig:
+        ratios = self.ratio if isinstance(self.ratio, list) else [self.ratio]
+        if self.ratio_range is not None:
+            lo, hi = self.ratio_range
+            if not 0.0 <= lo <= hi < 1.0:
+                raise ValueError(f"ratio_range must satisfy 0 <= lo <= hi < 1, found {list(self.ratio_range)}")
+            ratios = [lo, hi]
+        if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
+            raise ValueError(f"ratio must be in [0, 1), found {self.ratio}")
+        if self.strategy == "fixed" and not self.layers:
+            raise ValueError("strategy 'fixed' needs `layers`")
+        if self.strategy == "calibrated" and not self.calibration_file:
+            raise ValueError("strategy 'calibrated' needs `calibration_file` (written by calibrate-skips)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """False for baseline ReFT (nothing can ever be skipped)."""
+        if self.strategy == "fixed":
+            return bool(self.layers)
+        if self.ratio_range is not None:
+            return self.ratio_range[1] > 0
+        return any(r > 0 for r in (self.ratio if isinstance(self.ratio, list) else [self.ratio]))
+
+
+class ObjectiveConfig(Section):
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon: float = Field(0.2, gt=0.0)
+    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip (DAPO clip-higher); null: epsilon.")
+    beta: float = Field(0.0, ge=0.0, description="KL-to-reference weight (k3); the reference loads only when > 0.")
+    num_iterations: int = Field(1, ge=1, description="Optimisation passes over each batch of rollouts.")
+    correction: Literal["none", "is", "token_tis", "seq_tis", "token_mask", "seq_mask", "retrace"] = "token_tis"
+    is_threshold: float = Field(2.0, gt=0.0, description="C of token_tis / seq_tis.")
+    mask_low: float = Field(0.5, ge=0.0, description="Lower bound of token_mask / seq_mask.")
+    mask_high: float = Field(2.0, gt=0.0, description="Upper bound of token_mask / seq_mask.")
+    retrace_lambda: float = Field(1.0, ge=0.0, le=1.0)
+    logprob_chunk_size: int = Field(1024, ge=1, description="Token rows per lm_head chunk when computing log-probs.")
+
+
+class RewardConfig(Section):
+    last_number_fallback: bool = Field(False, description="Use the last number in the text when no answer marker is found.")
+    format_weight: float = Field(0.0, ge=0.0, description="Bonus for a well-formed final-answer marker.")
+    timeout_s: float = Field(2.0, gt=0.0, description="Wall-clock bound of one symbolic equivalence check.")
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    max_grad_norm: float = Field(1.0, gt=0.0)
+
+
+class TrainConfig(Section):
+    steps: int = Field(30, ge=1)
+    prompts_per_step: int = Field(4, ge=1)
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    save_every: int = Field(10, ge=1)
+    keep_last: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0, description="Evaluate on data.eval every N steps (0: never during training).")
+    log_rollouts_every: int = Field(10, ge=0, description="Save sampled completions every N steps (0: never).")
+
+
+class Recipe(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    skipping: SkippingConfig = SkippingConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    reward: RewardConfig = RewardConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_yaml(self) -> str:
+        """The resolved recipe, every field included, as the run directory stores it."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# -- loading --------------------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a recipe file (None: all defaults) with `section.field=value` overrides applied.
+
+    Raises UserError with one line naming the file and the dotted field on any problem.
+    """
+    where = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: recipe file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping of sections at the top level, found {type(loaded).__name__}")
+        raw = loaded or {}
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_describe(where, e, overrides)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Merge `a.b.c=value` into the raw mapping; the value is a YAML scalar/list, so `3` is an int."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected section.field=value")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: {part} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _describe(where: str, error: ValidationError, overrides: list[str]) -> str:
+    """One line for the first validation error: file, dotted field, what was expected, what was found."""
+    err = error.errors()[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
+    field = ".".join(loc) or "<top level>"
+    origin = " (from --set)" if any(o.split("=")[0].strip() == field for o in overrides) else ""
+    if err["type"] == "extra_forbidden":
+        return f"{where}: {field}{origin}: unknown key{_suggest(loc)}"
+    found = err.get("input")
+    message = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
+    if err["type"] == "value_error":
+        return f"{where}: {field}{origin}: {message}"
+    return f"{where}: {field}{origin}: {message}, found {found!r}"
+
+
+def _suggest(loc: list[str]) -> str:
+    """' (did you mean 'x'?)' using the valid keys at the misspelt key's level."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(model.model_fields)})"

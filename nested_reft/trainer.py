@@ -1,0 +1,316 @@
+"""The training loop: GRPO whose rollouts come from a layer-skipped view of the policy (Nested-ReFT).
+
+One step, top to bottom (see `train`):
+
+    prompts  -> draw a skip set S -> sample G completions per prompt from mu_S (rollout engine)
+             -> score them (math reward) -> group advantages
+             -> num_iterations passes of micro-batched PPO-clipped updates, each token weighted by an
+                importance-correction weight w(lp_old, lp_b) that accounts for sampling from mu_S, not pi_theta
+             -> metrics row, rollouts, checkpoint, eval
+
+The empty skip set is baseline ReFT: the same loop, with rho = 1 exactly. Everything a resumed run needs to
+continue bit for bit (weights, optimiser, scheduler, data cursor, skip sampler, RNG) is in the checkpoint;
+sampling seeds are derived from (seed, step), so they need no state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nested_reft.data import Example, load_examples
+from nested_reft.errors import UserError
+from nested_reft.evaluate import evaluate_examples
+from nested_reft.models import load_model, peak_memory_mb
+from nested_reft.objective import (
+    CorrectionConfig,
+    LossConfig,
+    completion_log_probs,
+    correction_stats,
+    correction_weights,
+    group_advantages,
+    policy_loss,
+)
+from nested_reft.prompts import encode_prompts, eos_token_ids
+from nested_reft.recipe import Recipe
+from nested_reft.rewards import math_reward
+from nested_reft.rollout import Rollout, generate
+from nested_reft.rundir import RunDir, atomic_write_text, resolve_model_path
+from nested_reft.sampling import SamplingParams
+from nested_reft.skipping import SkipSampler, decoder_layers
+
+TRAINER_STATE = "trainer_state.pt"
+
+# reward_fn(completion_text, completion_token_ids, example) -> (reward, correct). The default is the math reward;
+# tests plug in synthetic tasks a tiny random model can learn.
+RewardFn = Callable[[str, list[int], Example], tuple[float, bool]]
+
+
+class PromptStream:
+    """Endless, seeded stream of training examples, reshuffled each epoch.
+
+    The order of epoch e is a pure function of (seed, e), so the cursor (epoch, index) is the whole state and a
+    run resumed at any step, an epoch boundary included, sees exactly the prompts an uninterrupted run would.
+    """
+
+    def __init__(self, examples: list[Example], seed: int):
+        if not examples:
+            raise UserError("data.train: no training examples")
+        self.examples, self.seed = examples, seed
+        self.epoch, self.index = 0, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[Example]:
+        batch = []
+        order = self._order(self.epoch)
+        while len(batch) < n:
+            if self.index == len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+                order = self._order(self.epoch)
+            batch.append(self.examples[order[self.index]])
+            self.index += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimiser step s: linear warmup, then constant or cosine to 0."""
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class ScoredRollout:
+    """A rollout with its rewards: what the update consumes."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # [B]
+    correct: list[bool]
+    texts: list[str]
+    advantages: torch.Tensor  # [B]
+
+
+def math_reward_fn(recipe: Recipe) -> RewardFn:
+    cfg = recipe.reward
+
+    def reward(text: str, _ids: list[int], example: Example) -> tuple[float, bool]:
+        result = math_reward(
+            text, example.answer, last_number_fallback=cfg.last_number_fallback,
+            format_weight=cfg.format_weight, timeout_s=cfg.timeout_s,
+        )
+        return result.reward, result.reason == "correct"
+
+    return reward
+
+
+def score(rollout: Rollout, examples: list[Example], tokenizer, reward_fn: RewardFn, group_size: int,
+          scale_rewards: str) -> ScoredRollout:
+    """Decode and score every completion; row i belongs to prompt i // group_size."""
+    ids = [row[mask].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    scored = [reward_fn(text, row, examples[i // group_size]) for i, (text, row) in enumerate(zip(texts, ids))]
+    rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)
+    return ScoredRollout(rollout, rewards, [c for _, c in scored], texts,
+                         group_advantages(rewards, group_size, scale_rewards))
+
+
+def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recipe: Recipe,
+             params: SamplingParams) -> dict[str, float]:
+    """`num_iterations` passes of clipped, importance-corrected policy-gradient updates over one batch.
+
+    lp_old (full model, no grad, before the update) is computed once. With a single pass it equals the
+    detached lp of that pass exactly (nothing has been updated yet), which saves one forward over the batch.
+    With the empty skip set the behavior policy *is* pi_old, so lp_b is taken to be lp_old: the sampler's
+    KV-cached log-probs differ from a full forward only by float rounding (~1e-7), and baseline ReFT must be
+    exactly on-policy (rho = 1) rather than carry that noise into every correction.
+    """
+    obj, mb = recipe.objective, recipe.train.micro_batch_size
+    r = batch.rollout
+    device = r.completion_ids.device
+    input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
+    attention = torch.cat([r.prompt_mask, r.completion_mask.long()], dim=1)
+    mask = r.completion_mask
+    n_seq, n_tok, width = input_ids.shape[0], int(mask.sum()), r.prompt_ids.shape[1]
+    correction = CorrectionConfig(kind=obj.correction, threshold=obj.is_threshold, mask_low=obj.mask_low,
+                                  mask_high=obj.mask_high, retrace_lambda=obj.retrace_lambda)
+    loss_cfg = LossConfig(loss_type=obj.loss_type, epsilon=obj.epsilon, epsilon_high=obj.epsilon_high,
+                          beta=obj.beta, max_completion_length=recipe.rollout.max_completion_length)
+    slices = [slice(i, min(i + mb, n_seq)) for i in range(0, n_seq, mb)]
+    advantages = batch.advantages.to(device)
+
+    def log_probs(m, s: slice) -> torch.Tensor:
+        return completion_log_probs(m, input_ids[s], attention[s], width, params, obj.logprob_chunk_size)
+
+    lp_old = None
+    if obj.num_iterations > 1:
+        with torch.no_grad():
+            lp_old = torch.cat([log_probs(model, s) for s in slices])
+    lp_ref = None
+    if ref_model is not None:
+        with torch.no_grad():
+            lp_ref = torch.cat([log_probs(ref_model, s) for s in slices])
+
+    model.train()
+    stats: dict[str, float] = {}
+    for iteration in range(obj.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, clip_sum, weights, olds, behaviors = 0.0, 0.0, [], [], []
+        for s in slices:
+            lp = log_probs(model, s)
+            old = lp.detach() if lp_old is None else lp_old[s]
+            behavior = r.behavior_log_probs[s] if r.skipped_layers else old
+            w = correction_weights(old, behavior, mask[s], correction)
+            loss, info = policy_loss(lp, old, advantages[s], w, mask[s], loss_cfg,
+                                     lp_ref=None if lp_ref is None else lp_ref[s],
+                                     num_sequences=n_seq, num_tokens=n_tok)
+            loss.backward()
+            loss_sum += loss.item()
+            clip_sum += info["clip_frac"] * int(mask[s].sum())
+            weights.append(w)
+            olds.append(old)
+            behaviors.append(behavior)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optimizer.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        if iteration == 0:  # correction statistics describe the batch as sampled
+            stats = correction_stats(torch.cat(weights), torch.cat(olds), torch.cat(behaviors), mask)
+        stats.update(loss=loss_sum, grad_norm=float(grad_norm), clip_frac=clip_sum / max(1, n_tok))
+    model.eval()
+    return stats
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reward_fn: RewardFn | None = None,
+          on_step: Callable[[dict[str, Any]], None] | None = None) -> RunDir:
+    """Run (or resume) the recipe's training; returns its run directory. `on_step` receives each metrics row."""
+    # Data first: bad data fails in a second, before a model is loaded or a run directory is touched.
+    data = recipe.data
+    stream = PromptStream(load_examples(data.train, split=data.train_split, limit=data.train_limit,
+                                        seed=recipe.run.seed), recipe.run.seed)
+    eval_examples = (load_examples(data.eval, split=data.eval_split, limit=data.eval_limit, seed=recipe.run.seed)
+                     if data.eval and recipe.train.eval_every else [])
+    run = RunDir.open(Path(recipe.run.output_dir), recipe.to_yaml(), resume=resume, overwrite=overwrite)
+    checkpoint = run.latest_checkpoint() if resume else None
+    torch.manual_seed(recipe.run.seed)
+
+    source = resolve_model_path(recipe.model.name_or_path)
+    model, tokenizer = load_model(str(checkpoint or source), dtype=recipe.model.dtype, device=recipe.model.device)
+    ref_model = None
+    if recipe.objective.beta > 0:  # the frozen reference is the starting policy, loaded only when used
+        ref_model, _ = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device)
+        ref_model.requires_grad_(False)
+    device = next(model.parameters()).device
+
+    sampler = SkipSampler.from_config(recipe.skipping, len(decoder_layers(model)), recipe.run.seed)
+    reward_fn = reward_fn or math_reward_fn(recipe)
+    opt = recipe.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    total_updates = recipe.train.steps * recipe.objective.num_iterations
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, total_updates, opt.schedule))
+    params = SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p)
+    eos = eos_token_ids(tokenizer, model.generation_config)
+
+    start = 0
+    if checkpoint is not None:
+        state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["data"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+        run.truncate_metrics(after_step=start)
+
+    def save(step: int) -> None:
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "data": stream.state_dict(), "sampler": sampler.state_dict(),
+                        "torch_rng": torch.get_rng_state()}, folder / TRAINER_STATE)
+
+        run.save_checkpoint(step, write, keep_last=recipe.train.keep_last)
+
+    for step in range(start + 1, recipe.train.steps + 1):
+        examples = stream.next(recipe.train.prompts_per_step)
+        ratio, skip = sampler.sample()
+        t0 = time.perf_counter()
+        rollout = generate(
+            model, encode_prompts(tokenizer, [e.question for e in examples], data),
+            num_generations=recipe.rollout.num_generations, max_new_tokens=recipe.rollout.max_completion_length,
+            params=params, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, skip=skip,
+            seed=recipe.run.seed * 1_000_003 + step,
+        )
+        t1 = time.perf_counter()
+        batch = score(rollout, examples, tokenizer, reward_fn, recipe.rollout.num_generations,
+                      recipe.objective.scale_rewards)
+        t2 = time.perf_counter()
+        stats = optimise(model, ref_model, optimizer, scheduler, batch, recipe, params)
+        t3 = time.perf_counter()
+
+        groups = batch.rewards.view(-1, recipe.rollout.num_generations)
+        row: dict[str, Any] = {
+            "step": step,
+            "reward_mean": batch.rewards.mean().item(),
+            "reward_std": batch.rewards.std(unbiased=False).item(),
+            "accuracy": sum(batch.correct) / len(batch.correct),
+            "completion_length": rollout.completion_mask.sum(1).float().mean().item(),
+            "frac_reward_zero_std": (groups.std(1, unbiased=False) == 0).float().mean().item(),
+            "skip_ratio": ratio,
+            "skipped_layers": list(skip),
+            **stats,
+            "lr": scheduler.get_last_lr()[0],
+            "time_generate": t1 - t0,
+            "time_score": t2 - t1,
+            "time_train": t3 - t2,
+            "rollout_tokens_per_sec": rollout.tokens_per_second,
+            "peak_memory_mb": peak_memory_mb(device),
+        }
+        if eval_examples and recipe.train.eval_every and step % recipe.train.eval_every == 0:
+            report = evaluate_examples(model, tokenizer, eval_examples, data, max_new_tokens=recipe.rollout.max_completion_length,
+                                       reward_cfg=recipe.reward, seed=recipe.run.seed)
+            row["eval_pass@1"] = report.metrics["pass@1"]
+            run.write_report(f"eval-step-{step}", report.to_dict(model=str(source), data=data.eval))
+        run.log_metrics(row)
+        if recipe.train.log_rollouts_every and step % recipe.train.log_rollouts_every == 0:
+            save_rollouts(run, step, batch, examples, recipe.rollout.num_generations)
+        if step % recipe.train.save_every == 0 or step == recipe.train.steps:
+            save(step)
+        if on_step:
+            on_step(row)
+    return run
+
+
+def save_rollouts(run: RunDir, step: int, batch: ScoredRollout, examples: list[Example], group_size: int) -> None:
+    """`rollouts/step-N.jsonl`: each sampled completion with its prompt, gold answer, reward and advantage."""
+    lines = []
+    for i, text in enumerate(batch.texts):
+        ex = examples[i // group_size]
+        lines.append(json.dumps({"id": ex.id, "question": ex.question, "gold": ex.answer, "completion": text,
+                                 "reward": batch.rewards[i].item(), "correct": batch.correct[i],
+                                 "advantage": batch.advantages[i].item()}, ensure_ascii=False))
+    atomic_write_text(run.rollouts_dir / f"step-{step}.jsonl", "\n".join(lines) + "\n")

@@ -1,0 +1,152 @@
+"""The rollout engine: exact behavior log-probs, greedy parity with transformers, determinism, padding."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from .conftest import NUM_LAYERS, PAD_ID, VOCAB_SIZE
+
+from nested_reft.rollout import Rollout, _sample, generate
+from nested_reft.sampling import SamplingParams, log_probs
+from nested_reft.skipping import skip_layers
+
+SAMPLED = SamplingParams(temperature=0.7, top_k=20, top_p=0.9)
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def run(model, prompts, eos, *, params=SAMPLED, generations=3, max_new_tokens=16, **kwargs) -> Rollout:
+    return generate(
+        model, prompts, num_generations=generations, max_new_tokens=max_new_tokens, params=params,
+        eos_token_ids=eos, pad_token_id=PAD_ID, **kwargs,
+    )
+
+
+def frequent_tokens(model, prompts, *, params=SAMPLED, skip=(), count=4, **kwargs) -> list[int]:
+    """Tokens the model emits often, early: used as EOS so that rows finish at different steps."""
+    probe = run(model, prompts, eos=[VOCAB_SIZE], params=params, skip=skip, max_new_tokens=6, **kwargs)  # no EOS
+    tally = Counter(probe.completion_ids[:, 1:].flatten().tolist())
+    return [token for token, _ in tally.most_common(count)]
+
+
+def rescore(model, rollout: Rollout, params: SamplingParams) -> torch.Tensor:
+    """log-probs of the completion tokens from one fresh forward pass over prompt + completion, [B, T]."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], dim=1)
+    with torch.no_grad(), skip_layers(model, rollout.skipped_layers):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0)).logits
+    width = rollout.prompt_ids.shape[1]
+    predicting = logits[:, width - 1 : -1]  # the logits at position i predict token i + 1
+    return log_probs(predicting, params).gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+
+
+def lengths(rollout: Rollout) -> list[int]:
+    return rollout.completion_mask.sum(1).tolist()
+
+
+@pytest.mark.parametrize("skip", [(), (0, 2, NUM_LAYERS - 1)])
+def test_behavior_log_probs_equal_a_fresh_forward_pass(tiny_model, tiny_prompts, skip):
+    eos = frequent_tokens(tiny_model, tiny_prompts, skip=skip, seed=0)
+    rollout = run(tiny_model, tiny_prompts, eos, skip=skip, seed=0)
+    assert rollout.skipped_layers == skip
+    assert len(set(lengths(rollout))) > 2, "rows must finish at different steps for this test to mean anything"
+    assert min(lengths(rollout)) < rollout.completion_ids.shape[1]
+    expected = rescore(tiny_model, rollout, SAMPLED)
+    real = rollout.completion_mask
+    torch.testing.assert_close(rollout.behavior_log_probs[real], expected[real], atol=1e-4, rtol=0)
+    assert (rollout.behavior_log_probs[~real] == 0).all()
+    assert (rollout.behavior_log_probs[real] < 0).any() and (rollout.behavior_log_probs[real] > -20).all()
+
+
+def test_greedy_matches_transformers_generate(tiny_model, tiny_prompts):
+    eos = frequent_tokens(tiny_model, tiny_prompts, params=GREEDY, count=6)
+    ours = run(tiny_model, tiny_prompts, eos, params=GREEDY, generations=1, max_new_tokens=12)
+    assert len(set(lengths(ours))) > 1
+    expected = tiny_model.generate(
+        input_ids=ours.prompt_ids, attention_mask=ours.prompt_mask, do_sample=False, max_new_tokens=12,
+        eos_token_id=eos, pad_token_id=PAD_ID,
+    )
+    assert torch.equal(ours.completion_ids, expected[:, ours.prompt_ids.shape[1] :])
+    torch.testing.assert_close(ours.behavior_log_probs, rescore(tiny_model, ours, GREEDY) * ours.completion_mask,
+                               atol=1e-4, rtol=0)
+
+
+def test_same_seed_same_rollout_different_seed_different(tiny_llama, tiny_prompts):
+    eos = frequent_tokens(tiny_llama, tiny_prompts, seed=0)
+    first, second = (run(tiny_llama, tiny_prompts, eos, seed=5, skip=(1, 3)) for _ in range(2))
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "behavior_log_probs"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    other = run(tiny_llama, tiny_prompts, eos, seed=6, skip=(1, 3))
+    assert not torch.equal(first.completion_ids[:, :3], other.completion_ids[:, :3])
+
+
+def test_prompts_are_left_padded_in_contiguous_groups(tiny_llama, tiny_prompts):
+    rollout = run(tiny_llama, tiny_prompts, eos=[2], generations=3, max_new_tokens=2, seed=0)
+    width = max(map(len, tiny_prompts))
+    assert rollout.prompt_ids.shape == rollout.prompt_mask.shape == (len(tiny_prompts) * 3, width)
+    for row in range(rollout.prompt_ids.shape[0]):
+        prompt = tiny_prompts[row // 3]
+        assert rollout.prompt_ids[row, width - len(prompt) :].tolist() == prompt
+        assert rollout.prompt_mask[row].tolist() == [0] * (width - len(prompt)) + [1] * len(prompt)
+        assert (rollout.prompt_ids[row, : width - len(prompt)] == PAD_ID).all()
+
+
+def test_completion_mask_and_padding_after_eos(tiny_qwen2, tiny_prompts):
+    eos = frequent_tokens(tiny_qwen2, tiny_prompts, seed=1)
+    rollout = run(tiny_qwen2, tiny_prompts, eos, seed=1, max_new_tokens=20)
+    ids, mask = rollout.completion_ids, rollout.completion_mask
+    assert mask.dtype == torch.bool and ids.shape == mask.shape == rollout.behavior_log_probs.shape
+    assert ids.shape[1] == max(lengths(rollout))
+    assert rollout.tokens_generated == int(mask.sum()) and rollout.tokens_per_second > 0
+    for row, length in enumerate(lengths(rollout)):
+        assert mask[row].tolist() == [True] * length + [False] * (ids.shape[1] - length)
+        tokens = ids[row, :length].tolist()
+        assert not set(tokens[:-1]) & set(eos), "a row must stop at its first EOS"
+        if length < 20:
+            assert tokens[-1] in eos, "a row shorter than max_new_tokens must end with EOS"
+        assert (ids[row, length:] == PAD_ID).all()
+
+
+def test_min_new_tokens_masks_eos(tiny_llama, tiny_prompts):
+    eos = frequent_tokens(tiny_llama, tiny_prompts, count=8, seed=2)
+    free = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12)
+    assert min(lengths(free)) < 6
+    forced = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, min_new_tokens=6)
+    assert min(lengths(forced)) >= 6
+    assert not set(forced.completion_ids[:, :5].flatten().tolist()) & set(eos)
+    fixed = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, min_new_tokens=12)
+    assert lengths(fixed) == [12] * len(lengths(fixed))
+
+
+def test_max_new_tokens_caps_every_row(tiny_llama, tiny_prompts):
+    rollout = run(tiny_llama, tiny_prompts, eos=[VOCAB_SIZE], seed=0, max_new_tokens=1, generations=2)
+    assert rollout.completion_ids.shape == (8, 1) and rollout.completion_mask.all()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(max_new_tokens=0), dict(generations=0), dict(min_new_tokens=20), dict(eos=[])],
+)
+def test_invalid_arguments(tiny_llama, tiny_prompts, kwargs):
+    arguments = dict(eos=[2], max_new_tokens=8) | kwargs
+    with pytest.raises(ValueError):
+        run(tiny_llama, tiny_prompts, **arguments)
+
+
+@pytest.mark.parametrize("prompts", [[], [[5, 6], []]])
+def test_empty_prompts_are_refused(tiny_llama, prompts):
+    with pytest.raises(ValueError):
+        run(tiny_llama, prompts, eos=[2])
+
+
+def test_sampler_draws_from_the_processed_distribution():
+    """Empirical token frequencies match exp(log_probs); tokens cut by top-k / top-p are never drawn."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, 3.0]]).expand(40_000, -1)
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=3), SamplingParams(top_p=0.8)):
+        tokens, token_log_probs = _sample(logits, params, torch.Generator().manual_seed(0))
+        expected = log_probs(logits[0], params).exp()
+        frequencies = torch.bincount(tokens, minlength=6).float() / len(tokens)
+        torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
+        assert (frequencies[expected < 1e-6] == 0).all()
+        assert torch.equal(token_log_probs, log_probs(logits[0], params)[tokens])

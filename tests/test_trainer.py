@@ -1,0 +1,156 @@
+"""The training loop on tiny random models: it learns, with and without skipping, and resumes bit for bit."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from nested_reft.recipe import load_recipe
+from nested_reft.trainer import PromptStream, lr_lambda, train
+
+from .tiny import TARGET_WORD, write_examples, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return write_tiny_model(root / "model"), write_examples(root / "train.jsonl", 24)
+
+
+def tiny_recipe(model_dir, data, out, *overrides):
+    return load_recipe(None, [
+        f"run.output_dir={out}", f"model.name_or_path={model_dir}", "model.device=cpu",
+        f"data.train={data}", "data.eval=null", "data.chat_template=false", "data.system_prompt=null",
+        "rollout.num_generations=8", "rollout.max_completion_length=3", "rollout.temperature=1.0",
+        "objective.correction=token_tis", "optimizer.lr=3e-2", "optimizer.max_grad_norm=10.0",
+        "train.prompts_per_step=4", "train.micro_batch_size=16", "train.save_every=100",
+        "train.log_rollouts_every=0", *overrides,
+    ])
+
+
+def starts_with_target(tokenizer_vocab_id):
+    def reward(_text, ids, _example):
+        hit = bool(ids) and ids[0] == tokenizer_vocab_id
+        return float(hit), hit
+
+    return reward
+
+
+def target_id(model_dir):
+    vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    return vocab[TARGET_WORD]
+
+
+# -- learning: reward 1 when the completion starts with one given word (chance: 1/16) ------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(["skipping.ratio=0.0", "objective.correction=none"], id="baseline-no-skipping"),
+        pytest.param(["skipping.ratio=0.25", "objective.correction=token_tis"], id="skip-token_tis"),
+        pytest.param(["skipping.ratio=0.25", "objective.correction=seq_mask", "objective.mask_low=0.2",
+                      "objective.mask_high=5.0"], id="skip-seq_mask"),
+        pytest.param(["skipping.ratio=0.25", "objective.correction=retrace"], id="skip-retrace"),
+    ],
+)
+def test_policy_learns_a_rewarded_first_token(tiny_run_inputs, tmp_path, overrides):
+    model_dir, data = tiny_run_inputs
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=40", *overrides)
+    rows = []
+
+    def stop_when_learned(row):
+        rows.append(row)
+        if len(rows) >= 3 and sum(r["reward_mean"] for r in rows[-3:]) / 3 >= 0.8:
+            raise StopIteration
+
+    with pytest.raises(StopIteration):
+        train(recipe, reward_fn=starts_with_target(target_id(model_dir)), on_step=stop_when_learned)
+    assert rows[0]["reward_mean"] < 0.4  # it starts near chance...
+    assert sum(r["reward_mean"] for r in rows[-3:]) / 3 >= 0.8  # ...and learns within 40 steps
+    if "skipping.ratio=0.25" in overrides:
+        assert all(len(r["skipped_layers"]) == 1 for r in rows)  # round(0.25 * 4) = 1 of the 2 eligible layers
+        assert all(r["kl_mu_pi"] != 0.0 for r in rows)  # the behavior model really differs from the policy
+    else:
+        assert all(r["kl_mu_pi"] == 0.0 and r["weight_min"] == r["weight_max"] == 1.0 for r in rows)  # on-policy
+
+
+def test_metrics_rows_hold_every_documented_field(tiny_run_inputs, tmp_path):
+    model_dir, data = tiny_run_inputs
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=2", "skipping.ratio=0.25",
+                         "train.log_rollouts_every=1", "train.save_every=1", "train.keep_last=1")
+    run = train(recipe, reward_fn=starts_with_target(target_id(model_dir)))
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows] == [1, 2]
+    expected = {"reward_mean", "reward_std", "accuracy", "completion_length", "frac_reward_zero_std", "skip_ratio",
+                "skipped_layers", "weight_mean", "weight_min", "weight_max", "frac_masked", "ess", "kl_mu_pi",
+                "loss", "grad_norm", "lr", "time_generate", "time_score", "time_train", "rollout_tokens_per_sec",
+                "peak_memory_mb"}
+    assert expected <= set(rows[0])
+    assert (run.rollouts_dir / "step-2.jsonl").is_file()
+    assert [p.name for p in run.checkpoints()] == ["step-2"]  # keep_last=1
+    model = AutoModelForCausalLM.from_pretrained(run.latest_checkpoint())
+    assert model.config.num_hidden_layers == 4
+
+
+# -- exact resume ---------------------------------------------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("num_examples, stop_after", [(10, 2), (8, 2)], ids=["mid-epoch", "at-epoch-boundary"])
+def test_resume_is_bit_identical(tiny_run_inputs, tmp_path, num_examples, stop_after):
+    """Stop after `stop_after` steps, resume, and end with exactly the weights of an uninterrupted run.
+    With 8 examples and 4 prompts per step, step 2 ends exactly at the end of the first epoch."""
+    model_dir, _ = tiny_run_inputs
+    data = write_examples(tmp_path / "train.jsonl", num_examples)
+    common = ["train.steps=4", "train.save_every=1", "skipping.ratio_range=[0.0, 0.5]", "optimizer.warmup_steps=2",
+              "optimizer.schedule=cosine"]
+    reward = starts_with_target(target_id(model_dir))
+
+    full = train(tiny_recipe(model_dir, data, tmp_path / "full", *common), reward_fn=reward)
+
+    def interrupt(row):
+        if row["step"] == stop_after:
+            raise Interrupt
+
+    resumed_recipe = tiny_recipe(model_dir, data, tmp_path / "resumed", *common)
+    with pytest.raises(Interrupt):
+        train(resumed_recipe, reward_fn=reward, on_step=interrupt)
+    resumed = train(resumed_recipe, resume=True, reward_fn=reward)
+
+    a = load_file(full.latest_checkpoint() / "model.safetensors")
+    b = load_file(resumed.latest_checkpoint() / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "rollout_tokens", "peak"))}
+                          for r in rows]
+    assert strip(full.read_metrics()) == strip(resumed.read_metrics())
+
+
+# -- components -----------------------------------------------------------------------------------------------------
+
+
+def test_prompt_stream_reshuffles_each_epoch_and_restores(tmp_path):
+    from nested_reft.data import read_examples
+
+    examples = read_examples(write_examples(tmp_path / "d.jsonl", 5))
+    stream = PromptStream(examples, seed=3)
+    first_epoch = stream.next(5)
+    assert sorted(e.id for e in first_epoch) == sorted(e.id for e in examples)
+    state = stream.state_dict()
+    second = stream.next(7)
+    again = PromptStream(examples, seed=3)
+    again.load_state_dict(state)
+    assert [e.id for e in again.next(7)] == [e.id for e in second]
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    constant = lr_lambda(2, 10, "constant")
+    assert [constant(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cosine = lr_lambda(0, 10, "cosine")
+    assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
