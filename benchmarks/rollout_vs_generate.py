@@ -4,12 +4,13 @@ Fixed-length work (min_new_tokens = max_new_tokens) so every configuration gener
 tokens. Runs are interleaved (one of each configuration per repeat) so that machine noise hits all of them
 alike; the medians are printed. Usage:
 
-    python benchmarks/rollout_vs_generate.py [--device cpu] [--repeats 3] [--new-tokens 128]
+    python benchmarks/rollout_vs_generate.py [--device cpu] [--threads N] [--repeats 3] [--new-tokens 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -39,7 +40,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-ratio", type=float, default=0.25)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = load_model(args.model, device=args.device)
     prompts = [
@@ -77,7 +81,8 @@ def main() -> None:
         assert out.shape[1] - ids.shape[1] == args.new_tokens
         return tokens / seconds
 
-    ours(skip, seed=-1)  # warm-up (allocator, kernels), not timed
+    load_before = os.getloadavg()[0]  # other processes on the machine skew every number below
+    ours(skip, seed=0)  # warm-up (allocator, kernels), not timed
     results: dict[str, list[float]] = {"model.generate": [], "ours (full)": [], f"ours (skip {len(skip)})": []}
     for repeat in range(args.repeats):
         results["model.generate"].append(hf_generate(repeat))
@@ -85,6 +90,7 @@ def main() -> None:
         results[f"ours (skip {len(skip)})"].append(ours(skip, repeat))
 
     medians = {name: statistics.median(values) for name, values in results.items()}
+    print(f"load average (1 min) before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
     print(f"model={args.model} device={args.device} threads={torch.get_num_threads()} layers={num_layers} "
           f"batch={ids.shape[0]} prompt_width={ids.shape[1]} new_tokens={args.new_tokens} repeats={args.repeats}")
     print(f"skipped layers ({len(skip)}/{num_layers}): {list(skip)}")

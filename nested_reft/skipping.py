@@ -51,7 +51,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"found {type(model).__name__} (model_type '{model_type}')"
         )
     if getattr(config, "is_heterogeneous", False):
-        raise UserError(f"model: layer skipping does not support heterogeneous per-layer configs ({type(model).__name__})")
+        raise UserError(
+            f"model: layer skipping does not support heterogeneous per-layer configs ({type(model).__name__})"
+        )
     return layers
 
 
@@ -110,7 +112,7 @@ def skip_layers(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Module]:
 
 
 def _indexed_modules(layer: nn.Module, index: int) -> list[nn.Module]:
-    """The modules of decoder layer `index` that carry a `layer_idx` (attention, and the layer itself in some families).
+    """The modules of decoder layer `index` that carry a `layer_idx` (attention; the layer itself in some families).
 
     `layer_idx` is the slot a module reads and writes in the KV cache, so each must be renumbered. A value
     other than `index` means an architecture we do not understand: stop rather than corrupt the cache.
@@ -166,7 +168,7 @@ class SkipSampler:
 
     @classmethod
     def from_config(cls, cfg: Any, num_layers: int, seed: int) -> SkipSampler:
-        """Build from any object with the keyword arguments of __init__ as attributes (e.g. the recipe's skip section)."""
+        """Build from any object carrying __init__'s keyword arguments as attributes (the recipe's skipping section)."""
         names = ("strategy", "ratio", "ratio_range", "layers", "keep_first", "keep_last", "calibration_file")
         return cls(num_layers, seed=seed, **{name: getattr(cfg, name) for name in names})
 
@@ -253,7 +255,10 @@ def _read_layer_weights(path: str | Path | None, num_layers: int) -> dict[int, f
     if not isinstance(raw, dict):
         raise UserError(f"skip.calibration_file: '{path}' has no \"{CALIBRATION_WEIGHTS_KEY}\" object")
     if isinstance(data.get("num_layers"), int) and data["num_layers"] != num_layers:
-        raise UserError(f"skip.calibration_file: '{path}' was calibrated for {data['num_layers']} layers, the model has {num_layers}")
+        raise UserError(
+            f"skip.calibration_file: '{path}' was calibrated for {data['num_layers']} layers, "
+            f"the model has {num_layers}"
+        )
     weights = dict.fromkeys(range(num_layers), 0.0)
     for key, value in raw.items():
         try:
@@ -262,8 +267,8 @@ def _read_layer_weights(path: str | Path | None, num_layers: int) -> dict[int, f
             index, weight = -1, math.nan
         if not 0 <= index < num_layers or not math.isfinite(weight) or weight < 0:
             raise UserError(
-                f"skip.calibration_file: '{path}' {CALIBRATION_WEIGHTS_KEY}: expected layer index in [0, {num_layers - 1}] "
-                f"-> finite weight >= 0, found {key!r}: {value!r}"
+                f"skip.calibration_file: '{path}' {CALIBRATION_WEIGHTS_KEY}: expected layer index in "
+                f"[0, {num_layers - 1}] -> finite weight >= 0, found {key!r}: {value!r}"
             )
         weights[index] = weight
     return weights

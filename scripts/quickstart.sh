@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 cli=.venv/bin/nested-reft
 
-"$cli" prepare-data arithmetic --split train --limit 2000 --seed 0 --out data/arithmetic-train.jsonl
-"$cli" prepare-data arithmetic --split test --limit 200 --seed 0 --out data/arithmetic-test.jsonl
+"$cli" prepare-data arithmetic --split train --limit 2000 --seed 0 --difficulty 1 --out data/arithmetic-train.jsonl
+"$cli" prepare-data arithmetic --split test --limit 200 --seed 0 --difficulty 1 --out data/arithmetic-test.jsonl
 "$cli" train recipes/quickstart.yaml --overwrite "$@"
 "$cli" evaluate recipes/quickstart.yaml --model runs/quickstart
 echo

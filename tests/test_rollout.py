@@ -8,6 +8,7 @@ import pytest
 import torch
 from .conftest import NUM_LAYERS, PAD_ID, VOCAB_SIZE
 
+from nested_reft import rollout as rollout_module
 from nested_reft.rollout import Rollout, _sample, generate
 from nested_reft.sampling import SamplingParams, log_probs
 from nested_reft.skipping import skip_layers
@@ -45,8 +46,15 @@ def lengths(rollout: Rollout) -> list[int]:
     return rollout.completion_mask.sum(1).tolist()
 
 
+@pytest.fixture(params=[1, 3], ids=["status-every-step", "status-every-3"])
+def status_interval(request, monkeypatch):
+    """Run a test with finished rows read every step (CPU) and every 3 steps (as on GPU: rows idle meanwhile)."""
+    monkeypatch.setattr(rollout_module, "_status_interval", lambda device: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("skip", [(), (0, 2, NUM_LAYERS - 1)])
-def test_behavior_log_probs_equal_a_fresh_forward_pass(tiny_model, tiny_prompts, skip):
+def test_behavior_log_probs_equal_a_fresh_forward_pass(tiny_model, tiny_prompts, skip, status_interval):
     eos = frequent_tokens(tiny_model, tiny_prompts, skip=skip, seed=0)
     rollout = run(tiny_model, tiny_prompts, eos, skip=skip, seed=0)
     assert rollout.skipped_layers == skip
@@ -59,7 +67,7 @@ def test_behavior_log_probs_equal_a_fresh_forward_pass(tiny_model, tiny_prompts,
     assert (rollout.behavior_log_probs[real] < 0).any() and (rollout.behavior_log_probs[real] > -20).all()
 
 
-def test_greedy_matches_transformers_generate(tiny_model, tiny_prompts):
+def test_greedy_matches_transformers_generate(tiny_model, tiny_prompts, status_interval):
     eos = frequent_tokens(tiny_model, tiny_prompts, params=GREEDY, count=6)
     ours = run(tiny_model, tiny_prompts, eos, params=GREEDY, generations=1, max_new_tokens=12)
     assert len(set(lengths(ours))) > 1
@@ -92,7 +100,7 @@ def test_prompts_are_left_padded_in_contiguous_groups(tiny_llama, tiny_prompts):
         assert (rollout.prompt_ids[row, : width - len(prompt)] == PAD_ID).all()
 
 
-def test_completion_mask_and_padding_after_eos(tiny_qwen2, tiny_prompts):
+def test_completion_mask_and_padding_after_eos(tiny_qwen2, tiny_prompts, status_interval):
     eos = frequent_tokens(tiny_qwen2, tiny_prompts, seed=1)
     rollout = run(tiny_qwen2, tiny_prompts, eos, seed=1, max_new_tokens=20)
     ids, mask = rollout.completion_ids, rollout.completion_mask
@@ -143,10 +151,22 @@ def test_empty_prompts_are_refused(tiny_llama, prompts):
 def test_sampler_draws_from_the_processed_distribution():
     """Empirical token frequencies match exp(log_probs); tokens cut by top-k / top-p are never drawn."""
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, 3.0]]).expand(40_000, -1)
-    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=3), SamplingParams(top_p=0.8)):
+    settings = (SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=3), SamplingParams(top_p=0.8))
+    for params in settings:
         tokens, token_log_probs = _sample(logits, params, torch.Generator().manual_seed(0))
         expected = log_probs(logits[0], params).exp()
         frequencies = torch.bincount(tokens, minlength=6).float() / len(tokens)
         torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
         assert (frequencies[expected < 1e-6] == 0).all()
         assert torch.equal(token_log_probs, log_probs(logits[0], params)[tokens])
+
+
+def test_generates_in_eval_mode_and_restores_modes(tiny_llama, tiny_prompts):
+    """Gradient checkpointing in train mode makes transformers drop the KV cache; generate must not be affected."""
+    expected = run(tiny_llama, tiny_prompts, eos=[2], params=GREEDY, generations=1, max_new_tokens=8)
+    tiny_llama.activation_checkpointing_enable()
+    tiny_llama.train()
+    tiny_llama.model.norm.eval()  # a module in its own mode must get it back
+    got = run(tiny_llama, tiny_prompts, eos=[2], params=GREEDY, generations=1, max_new_tokens=8)
+    assert torch.equal(got.completion_ids, expected.completion_ids)
+    assert tiny_llama.training and tiny_llama.model.layers[0].training and not tiny_llama.model.norm.training

@@ -61,7 +61,8 @@ def cached_logits(model, ids, mask, positions, steps=4):
     for _ in range(steps):
         token = collected[-1].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        out = model(input_ids=token, attention_mask=mask, position_ids=next_position, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, attention_mask=mask, position_ids=next_position, past_key_values=cache,
+                    use_cache=True)
         collected.append(out.logits[:, -1])
         next_position = next_position + 1
     return torch.stack(collected, dim=1)
@@ -332,8 +333,9 @@ def test_calibration_file_errors_name_the_file(tmp_path, content):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(strategy="middle"), dict(ratio=1.0), dict(ratio=[]), dict(ratio=-0.1), dict(ratio=0.2, ratio_range=(0.1, 0.3)),
-     dict(ratio_range=(0.3, 0.1)), dict(keep_first=6, keep_last=6), dict(strategy="calibrated", ratio=0.2)],
+    [dict(strategy="middle"), dict(ratio=1.0), dict(ratio=[]), dict(ratio=-0.1),
+     dict(ratio=0.2, ratio_range=(0.1, 0.3)), dict(ratio_range=(0.3, 0.1)), dict(keep_first=6, keep_last=6),
+     dict(strategy="calibrated", ratio=0.2)],
 )
 def test_invalid_sampler_settings(kwargs):
     with pytest.raises(UserError):

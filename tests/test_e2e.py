@@ -1,0 +1,73 @@
+"""End-to-end on the real embedded SmolLM2-135M-Instruct, through the CLI as a user runs it (CPU, minutes)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from .test_cli import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def arithmetic_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for split, limit in (("train", 200), ("test", 50)):
+        with pytest.raises(SystemExit) as e:
+            from nested_reft.cli.main import main
+
+            main(["prepare-data", "arithmetic", "--split", split, "--limit", str(limit), "--difficulty", "1",
+                  "--out", str(root / f"{split}.jsonl")])
+        assert e.value.code in (0, None)
+    return root / "train.jsonl", root / "test.jsonl"
+
+
+def test_quickstart_trains_two_steps_and_checkpoint_loads(arithmetic_data, tmp_path, capsys):
+    train, test = arithmetic_data
+    run = tmp_path / "run"
+    code, out, err = run_cli(["train", str(REPO / "recipes" / "quickstart.yaml"), "--set", "train.steps=2",
+                              "--set", f"run.output_dir={run}", "--set", f"data.train={train}",
+                              "--set", f"data.eval={test}", "--set", "rollout.max_completion_length=48"], capsys)
+    assert code in (0, None), err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(len(r["skipped_layers"]) == 8 for r in rows)  # round(0.25 * 30), first and last layers kept
+    assert all(0 not in r["skipped_layers"] and 29 not in r["skipped_layers"] for r in rows)
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step-2"
+    model = AutoModelForCausalLM.from_pretrained(latest)
+    assert model.config.num_hidden_layers == 30
+
+
+def test_evaluate_gates_on_min_accuracy(arithmetic_data, tmp_path, capsys):
+    _, test = arithmetic_data
+    report = tmp_path / "eval.json"
+    common = ["evaluate", "--model", "smollm2-135m-instruct", "--data", str(test), "--max-new-tokens", "64"]
+    code, _, _ = run_cli([*common, "--limit", "50", "--report", str(report), "--min-accuracy", "1.01"], capsys)
+    assert code == 1
+    result = json.loads(report.read_text())
+    assert result["n"] == 50 and 0.0 <= result["metrics"]["pass@1"] <= 1.0
+    assert {"model", "data", "settings", "metrics", "n", "seconds", "tokens_per_sec"} <= set(result)
+    code, _, _ = run_cli([*common, "--limit", "8", "--report", str(tmp_path / "e2.json"), "--min-accuracy", "0"],
+                         capsys)
+    assert code in (0, None)
+
+
+def test_calibrate_skips_writes_a_profile_the_sampler_reads(arithmetic_data, tmp_path, capsys):
+    train, _ = arithmetic_data
+    out = tmp_path / "calibration.json"
+    code, _, err = run_cli(["calibrate-skips", str(REPO / "recipes" / "quickstart.yaml"), "--prompts", "2",
+                            "--ratios", "0.1,0.4", "--out", str(out), "--set", f"data.train={train}",
+                            "--set", "rollout.max_completion_length=24"], capsys)
+    assert code in (0, None), err
+    report = json.loads(out.read_text())
+    assert len(report["layers"]) == 28 and [r["num_skipped"] for r in report["ratios"]] == [3, 12]
+    assert report["ratios"][0]["kl"] < report["ratios"][1]["kl"]  # skipping more layers moves further away
+
+    from nested_reft.skipping import SkipSampler
+
+    sampler = SkipSampler(30, strategy="calibrated", ratio=0.25, calibration_file=out, seed=0)
+    assert len(sampler.sample()[1]) == 8
