@@ -2,11 +2,11 @@
 
 Fairness rules: one process, one model, the same prompts and seed for every mode, a fixed completion length
 (EOS is suppressed until `max_completion_length`, so every mode generates exactly the same number of tokens),
-one untimed warm-up, and runs interleaved (baseline, r1, r2, ..., baseline, r1, ...) so that drift in machine
-speed hits every mode alike. Figures are medians over repeats. Each ratio's skip set is drawn once (seeded)
+one untimed warm-up, and runs interleaved (baseline, r1, r2, then r2, r1, baseline, ...) so that drift in
+machine speed hits every mode alike. Figures are medians over repeats. Each ratio's skip set is drawn once (seeded)
 and reused across repeats.
 
-speedup = nested tokens/sec / baseline tokens/sec; the ideal is L / (L - k) (only decoder layers are skipped:
+speedup = nested tokens/sec / baseline tokens/sec (the median of the per-repeat ratios); the ideal is L / (L - k) (only decoder layers are skipped:
 embedding, LM head and sampling cost the same in both modes, so efficiency = speedup / ideal < 1 is expected).
 """
 
@@ -87,7 +87,11 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
     run_once((), min(8, length))
     samples: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(modes))}
     for r in range(repeats):
-        for i, (mode, ratio, skip) in enumerate(modes):
+        # ABBA order: every other repeat runs the modes backwards, so a drift in machine speed during a
+        # repeat does not always favour the modes that run first.
+        order = list(range(len(modes)))[:: 1 if r % 2 == 0 else -1]
+        for i in order:
+            mode, ratio, skip = modes[i]
             progress(f"repeat {r + 1}/{repeats}: {mode} {ratio:.2f}")
             samples[i].append(run_once(skip, length))
 
@@ -98,13 +102,15 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
                         "tokens_per_sec_repeats": [s["tokens_per_sec"] for s in samples[i]]})
     base = results[0]
     comparisons = []
-    for result in results[1:]:
+    for i, result in enumerate(results[1:], start=1):
         ideal = num_layers / (num_layers - len(result["skipped_layers"]))
-        speedup = result["tokens_per_sec"] / base["tokens_per_sec"]
+        # The median of per-repeat ratios: each pair ran back to back, so slow phases of the machine cancel.
+        speedup = statistics.median(n["tokens_per_sec"] / b["tokens_per_sec"] for n, b in zip(samples[i], samples[0]))
         entry = {"skip_ratio": result["skip_ratio"], "num_skipped": len(result["skipped_layers"]),
                  "speedup": speedup, "ideal_speedup": ideal, "efficiency": speedup / ideal}
         if what == "train":
-            entry["step_speedup"] = base["step_seconds"] / result["step_seconds"]
+            entry["step_speedup"] = statistics.median(b["step_seconds"] / n["step_seconds"]
+                                                      for n, b in zip(samples[i], samples[0]))
         comparisons.append(entry)
     return {"model": source, "device": describe_device(device), "num_layers": num_layers, "what": what,
             "settings": {"sequences": len(prompts) * recipe.rollout.num_generations, "completion_length": length,

@@ -179,7 +179,7 @@ def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recip
     stats: dict[str, float] = {}
     for iteration in range(obj.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, clip_sum, weights, olds, behaviors = 0.0, 0.0, [], [], []
+        loss_sum, clip_sum, kl_sum, weights, olds, behaviors = 0.0, 0.0, 0.0, [], [], []
         for s in slices:
             lp = log_probs(model, s)
             old = lp.detach() if lp_old is None else lp_old[s]
@@ -191,6 +191,7 @@ def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recip
             loss.backward()
             loss_sum += loss.item()
             clip_sum += info["clip_frac"] * int(mask[s].sum())
+            kl_sum += info.get("kl", 0.0) * int(mask[s].sum())
             weights.append(w)
             olds.append(old)
             behaviors.append(behavior)
@@ -200,6 +201,8 @@ def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recip
         if iteration == 0:  # correction statistics describe the batch as sampled
             stats = correction_stats(torch.cat(weights), torch.cat(olds), torch.cat(behaviors), mask)
         stats.update(loss=loss_sum, grad_norm=float(grad_norm), clip_frac=clip_sum / max(1, n_tok))
+        if ref_model is not None:
+            stats["kl_ref"] = kl_sum / max(1, n_tok)  # mean k3 KL to the frozen reference
     model.eval()
     return stats
 

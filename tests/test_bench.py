@@ -1,6 +1,7 @@
 """`bench` on a tiny model: report keys, fair fixed-length work, and the plot."""
 
 import json
+import statistics
 
 import pytest
 from typer.testing import CliRunner
@@ -34,6 +35,9 @@ def test_bench_report_and_plot(tmp_path, what):
         assert {"skip_ratio", "speedup", "ideal_speedup", "efficiency"} <= set(c)
         assert c["efficiency"] == pytest.approx(c["speedup"] / c["ideal_speedup"])
     assert out["comparisons"][1]["ideal_speedup"] == pytest.approx(6 / 3)
+    base = out["results"][0]["tokens_per_sec_repeats"]
+    for c, r in zip(out["comparisons"], out["results"][1:]):  # speedup: the median of paired per-repeat ratios
+        assert c["speedup"] == pytest.approx(statistics.median(n / b for n, b in zip(r["tokens_per_sec_repeats"], base)))
     if what == "train":
         assert all(r["step_seconds"] >= r["generate_seconds"] for r in out["results"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

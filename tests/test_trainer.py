@@ -95,6 +95,27 @@ def test_metrics_rows_hold_every_documented_field(tiny_run_inputs, tmp_path):
     assert model.config.num_hidden_layers == 4
 
 
+def test_periodic_evaluation_is_logged(tiny_run_inputs, tmp_path):
+    model_dir, data = tiny_run_inputs
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=2", f"data.eval={data}",
+                         "data.eval_limit=3", "train.eval_every=2")
+    run = train(recipe, reward_fn=starts_with_target(target_id(model_dir)))
+    rows = run.read_metrics()
+    assert "eval_pass@1" not in rows[0] and rows[1]["eval_pass@1"] == 0.0  # word tokens never match the gold numbers
+    report = json.loads((run.reports_dir / "eval-step-2.json").read_text())
+    assert report["n"] == 3 and report["metrics"]["pass@1"] == rows[1]["eval_pass@1"]
+
+
+def test_reference_kl_and_several_iterations(tiny_run_inputs, tmp_path):
+    """beta > 0 loads the frozen reference; with 2 passes per batch the second pass has moved away from it."""
+    model_dir, data = tiny_run_inputs
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=2", "skipping.ratio=0.25",
+                         "objective.beta=0.1", "objective.num_iterations=2", "train.micro_batch_size=5")
+    rows = train(recipe, reward_fn=starts_with_target(target_id(model_dir))).read_metrics()
+    assert all(r["kl_ref"] > 0 for r in rows)
+    assert rows[-1]["lr"] == pytest.approx(3e-2)
+
+
 # -- exact resume ---------------------------------------------------------------------------------------------------
 
 

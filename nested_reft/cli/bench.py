@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -44,10 +45,11 @@ def bench(
         draw_plot(result, plot)
 
     table = Table(title=f"bench ({what}): {result['model']} on {result['device']}, {result['num_layers']} layers, "
-                        f"{result['settings']['sequences']} x {result['settings']['completion_length']} tokens")
-    columns = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "efficiency"]
+                        f"{result['settings']['sequences']} x {result['settings']['completion_length']} tokens",
+                  box=box.SIMPLE)
+    columns = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "effic."]
     if what == "train":
-        columns += ["step s", "generate s", "score s", "train s", "step speedup"]
+        columns += ["step s", "gen s", "score s", "train s", "step x"]
     for name in columns:
         table.add_column(name, justify="right")
     by_ratio = {c["skip_ratio"]: c for c in result["comparisons"]}

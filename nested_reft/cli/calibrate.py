@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -32,15 +33,17 @@ def calibrate_skips(
                            progress=lambda stage: progress.update(task, advance=1, description=stage))
     atomic_write_json(out, report)
 
-    table = Table(title=f"skip calibration: {report['model']} ({report['num_layers']} layers, {report['num_prompts']} prompts)")
-    for name in ("ratio", "k", "KL(full||skip)", "greedy agree", "rho mean", "rho p95", "rho max", "ESS",
-                 "tok/s", "full tok/s", "speedup", "ideal"):
+    table = Table(title=f"skip calibration: {report['model']} ({report['num_layers']} layers, "
+                        f"{report['num_prompts']} prompts); KL(full||skipped), greedy agreement, rho = pi/mu",
+                  box=box.SIMPLE)
+    for name in ("ratio", "k", "KL", "agree", "rho", "rho p95", "rho max", "ESS", "tok/s", "full", "speedup",
+                 "ideal"):
         table.add_column(name, justify="right")
     for r in report["ratios"]:
         table.add_row(f"{r['ratio']:.2f}", str(r["num_skipped"]), f"{r['kl']:.4f}", f"{r['greedy_agreement']:.3f}",
-                      f"{r['rho_mean']:.3f}", f"{r['rho_p95']:.3f}", f"{r['rho_max']:.2f}", f"{r['ess']:.3f}",
-                      f"{r['tokens_per_sec']:.1f}", f"{r['full_tokens_per_sec']:.1f}", f"{r['speedup']:.3f}",
-                      f"{r['ideal_speedup']:.3f}")
+                      f"{r['rho_mean']:.3f}", f"{r['rho_p95']:.3f}", f"{r['rho_max']:.1f}", f"{r['ess']:.3f}",
+                      f"{r['tokens_per_sec']:.1f}", f"{r['full_tokens_per_sec']:.1f}", f"{r['speedup']:.2f}",
+                      f"{r['ideal_speedup']:.2f}")
     console = Console()
     console.print(table)
     cheapest = sorted(report["layers"], key=lambda e: e["kl"])[:5]
