@@ -37,9 +37,7 @@ Progress = Callable[[str], None]
 
 def _sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(input_ids, attention_mask, completion mask, prompt width) of a rollout's prompt+completion rows."""
-    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
-    attention = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], dim=1)
-    return ids, attention, rollout.completion_mask, rollout.prompt_ids.shape[1]
+    return *rollout.sequences(), rollout.completion_mask, rollout.prompt_ids.shape[1]
 
 
 @torch.no_grad()

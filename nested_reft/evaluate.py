@@ -87,8 +87,7 @@ def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataC
                            eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, seed=seed + b)
         tokens += rollout.tokens_generated
         gen_seconds += rollout.prefill_seconds + rollout.decode_seconds
-        ids = [row[mask].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(rollout.completions(), skip_special_tokens=True)
         for j, ex in enumerate(chunk):
             completions = texts[j * samples : (j + 1) * samples]
             results = [math_reward(t, ex.answer, last_number_fallback=reward_cfg.last_number_fallback,

@@ -59,6 +59,15 @@ class Rollout:
         seconds = self.prefill_seconds + self.decode_seconds
         return self.tokens_generated / seconds if seconds > 0 else 0.0
 
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) [B, P + T] of prompt + completion, as the loss re-reads them."""
+        ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+        return ids, torch.cat([self.prompt_mask, self.completion_mask.long()], dim=1)
+
+    def completions(self) -> list[list[int]]:
+        """Each row's generated token ids (through its EOS, without padding)."""
+        return [row[mask].tolist() for row, mask in zip(self.completion_ids, self.completion_mask)]
+
 
 @torch.no_grad()
 def generate(

@@ -131,7 +131,7 @@ def math_reward_fn(recipe: Recipe) -> RewardFn:
 def score(rollout: Rollout, examples: list[Example], tokenizer, reward_fn: RewardFn, group_size: int,
           scale_rewards: str) -> ScoredRollout:
     """Decode and score every completion; row i belongs to prompt i // group_size."""
-    ids = [row[mask].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+    ids = rollout.completions()
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     scored = [reward_fn(text, row, examples[i // group_size]) for i, (text, row) in enumerate(zip(texts, ids))]
     rewards = torch.tensor([r for r, _ in scored], dtype=torch.float32)
@@ -152,8 +152,7 @@ def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recip
     obj, mb = recipe.objective, recipe.train.micro_batch_size
     r = batch.rollout
     device = r.completion_ids.device
-    input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
-    attention = torch.cat([r.prompt_mask, r.completion_mask.long()], dim=1)
+    input_ids, attention = r.sequences()
     mask = r.completion_mask
     n_seq, n_tok, width = input_ids.shape[0], int(mask.sum()), r.prompt_ids.shape[1]
     correction = CorrectionConfig(kind=obj.correction, threshold=obj.is_threshold, mask_low=obj.mask_low,
