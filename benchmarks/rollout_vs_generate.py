@@ -16,20 +16,12 @@ import time
 
 import torch
 
+from nested_reft.data import generate_arithmetic
 from nested_reft.models import load_model
 from nested_reft.rollout import generate, left_pad
 from nested_reft.sampling import SamplingParams
 from nested_reft.skipping import SkipSampler
 
-QUESTIONS = [
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
-    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
-    "Betty is saving money for a new wallet which costs $100. Betty has only half of the money she needs. "
-    "Her parents decided to give her $15 for that purpose, and her grandparents twice as much as her parents. "
-    "How much more money does Betty need to buy the wallet?",
-    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
-]
 
 
 def main() -> None:
@@ -50,7 +42,7 @@ def main() -> None:
         tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
-        for q in QUESTIONS
+        for q in [e.question for e in generate_arithmetic("test", 4, seed=0, difficulty=3)]
     ]
     num_layers = model.config.num_hidden_layers
     skip = SkipSampler(num_layers, ratio=args.skip_ratio, keep_first=1, keep_last=1, seed=0).sample()[1]
