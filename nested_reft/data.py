@@ -273,9 +273,18 @@ def _open_table(
     )
 
 
+def _import_datasets():
+    """The `datasets` module (imported lazily: it costs about a second) with its progress bars off, which would
+    otherwise interleave with our one-line errors and summary table."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
 def _load_local(path: Path) -> Dataset:
     """All rows of a local file, read by the `datasets` builder for its type."""
-    import datasets
+    datasets = _import_datasets()
 
     kind = LOCAL_SUFFIXES.get(path.suffix.lower())
     if kind is None:
@@ -298,7 +307,7 @@ def _load_local(path: Path) -> Dataset:
 
 def _load_hub(dataset_id: str, config: str | None, split: str, *, label: str) -> Dataset:
     """The rows of `split` of a hub data set (downloaded, or from the local cache when HF_HUB_OFFLINE is set)."""
-    import datasets
+    datasets = _import_datasets()
 
     offline = f"could not download {dataset_id} (offline?); pass a local .jsonl/.json/.csv/.parquet file instead"
     # Without network `datasets` retries every request with backoff and gives up only after ~25 s; a quick

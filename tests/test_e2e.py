@@ -64,10 +64,10 @@ def test_calibrate_skips_writes_a_profile_the_sampler_reads(arithmetic_data, tmp
                             "--set", "rollout.max_completion_length=24"], capsys)
     assert code in (0, None), err
     report = json.loads(out.read_text())
-    assert len(report["layers"]) == 28 and [r["num_skipped"] for r in report["ratios"]] == [3, 12]
+    assert len(report["layers"]) == 26 and [r["num_skipped"] for r in report["ratios"]] == [3, 12]
     assert report["ratios"][0]["kl"] < report["ratios"][1]["kl"]  # skipping more layers moves further away
 
     from nested_reft.skipping import SkipSampler
 
-    sampler = SkipSampler(30, strategy="calibrated", ratio=0.25, calibration_file=out, seed=0)
+    sampler = SkipSampler(30, strategy="calibrated", ratio=0.25, keep_first=2, keep_last=2, calibration_file=out, seed=0)
     assert len(sampler.sample()[1]) == 8
