@@ -210,19 +210,3 @@ def _finish(
     model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory since the last `reset_peak_memory`: allocated tensors on CUDA; on CPU the process's peak
-    resident set size, which cannot be reset (a high-water mark for the whole process)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory measurement (CUDA only; see `peak_memory_mb`)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
