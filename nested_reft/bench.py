@@ -3,8 +3,8 @@
 Fairness rules: one process, one model, the same prompts and seed for every mode, a fixed completion length
 (EOS is suppressed until `max_completion_length`, so every mode generates exactly the same number of tokens),
 one untimed warm-up, and runs interleaved (baseline, r1, r2, then r2, r1, baseline, ...) so that drift in
-machine speed hits every mode alike. Figures are medians over repeats. Each ratio's skip set is drawn once (seeded)
-and reused across repeats.
+machine speed hits every mode alike. Figures are medians over repeats. Each ratio's skip set is drawn once (seeded),
+the way the recipe's `skipping.strategy` draws it, and reused across repeats.
 
 speedup = nested tokens/sec / baseline tokens/sec (the median of the per-repeat ratios); the ideal is L / (L - k) (only decoder layers are skipped:
 embedding, LM head and sampling cost the same in both modes, so efficiency = speedup / ideal < 1 is expected).
@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from nested_reft.calibrate import probe_layer_costs
 from nested_reft.data import load_examples
 from nested_reft.models import load_model, peak_memory_mb, reset_peak_memory
 from nested_reft.prompts import encode_prompts, eos_token_ids
@@ -48,11 +49,19 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
     length = recipe.rollout.max_completion_length
     eos = eos_token_ids(tokenizer, model.generation_config)
 
+    # Each ratio's skip set is drawn the way the recipe's strategy draws it in training (a `fixed` set is the one
+    # nested mode); the cost-aware strategies measure per-layer costs first when no calibration file is given.
+    sampler = SkipSampler.from_config(recipe.skipping, num_layers, recipe.run.seed)
+    if sampler.needs_costs:
+        progress("measuring per-layer skip costs")
+        reference = generate(model, prompts, max_new_tokens=length, params=params, eos_token_ids=eos,
+                             pad_token_id=tokenizer.pad_token_id, seed=recipe.run.seed)
+        sampler.set_costs(probe_layer_costs(model, reference, list(range(len(prompts))), sampler.eligible, params))
     modes: list[tuple[str, float, tuple[int, ...]]] = [("baseline", 0.0, ())]
-    for ratio in skip_ratios:
-        sampler = SkipSampler(num_layers, ratio=ratio, keep_first=recipe.skipping.keep_first,
-                              keep_last=recipe.skipping.keep_last, seed=recipe.run.seed)
-        modes.append(("nested", ratio, sampler.sample()[1]))
+    if recipe.skipping.strategy == "fixed":
+        modes.append(("nested", *sampler.sample()))
+    else:
+        modes += [("nested", ratio, sampler.sample(ratio)[1]) for ratio in skip_ratios]
 
     initial = copy.deepcopy(model.state_dict()) if what == "train" else None
     reward_fn = math_reward_fn(recipe)
@@ -74,7 +83,7 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
             scored = time.perf_counter()
             optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-            optimise(model, None, optimizer, scheduler, batch, recipe, params)
+            optimise(model, None, optimizer, scheduler, batch, recipe, params, skip_zero_advantage=False)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             done = time.perf_counter()
@@ -115,6 +124,7 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
     return {"model": source, "device": describe_device(device), "num_layers": num_layers, "what": what,
             "settings": {"sequences": len(prompts) * recipe.rollout.num_generations, "completion_length": length,
                          "repeats": repeats, "temperature": params.temperature, "dtype": recipe.model.dtype,
+                         "strategy": recipe.skipping.strategy,
                          "seed": recipe.run.seed},
             "results": results, "comparisons": comparisons}
 
