@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides
+from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
 from nested_reft.evaluate import evaluate as run_evaluation
 from nested_reft.rundir import resolve_model_path
 
@@ -35,13 +35,16 @@ def evaluate(
     if report is None:
         is_run = resolve_model_path(model_spec) != model_spec
         report = (Path(model_spec) / "reports" if is_run else Path("reports")) / "evaluate.json"
-    with Progress(transient=True) as progress:
+    console = Console()
+    show_precision(console, cfg)
+    with Progress(transient=True, console=console) as progress:
         task = progress.add_task("evaluate", total=None)
         result = run_evaluation(
             model_spec, data_spec, split=split or cfg.data.eval_split,
             limit=limit if limit is not None else cfg.data.eval_limit, samples=samples, temperature=temperature,
             max_new_tokens=max_new_tokens or cfg.rollout.max_completion_length, data_cfg=cfg.data,
-            reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device, seed=cfg.run.seed,
+            reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device,
+            mixed_precision=cfg.model.mixed_precision, seed=cfg.run.seed,
             report_path=report, on_batch=lambda n: progress.advance(task, n),
         )
     table = Table(title=f"evaluate {result['model']} on {result['data']} (n={result['n']})")
@@ -49,7 +52,6 @@ def evaluate(
         table.add_column(key, justify="right")
     table.add_row(*(f"{v:.3f}" for v in result["metrics"].values()), f"{result['tokens_per_sec']:.1f}",
                   f"{result['seconds']:.1f}")
-    console = Console()
     console.print(table)
     console.print(f"report: {report}  examples: {report.with_suffix('.examples.jsonl')}")
     if min_accuracy is not None and result["metrics"]["pass@1"] < min_accuracy:
