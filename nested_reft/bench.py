@@ -13,7 +13,7 @@ Precision is the recipe's resolved `model.mixed_precision` (training steps keep 
 Peak memory is measured per run: on CUDA the allocator's peak, on Linux CPUs the process's peak RSS (VmHWM),
 reset through /proc/self/clear_refs before the rollout and again before the update, so each row shows its
 own peaks (`peak_memory_mb` for the step, `train_peak_memory_mb` for the update alone). RSS counts everything
-the process holds (model, the bench's copy of the initial weights, allocator caches), so compare rows with
+the process holds (model, the bench's copy of the initial weights, AdamW states, allocator caches), so compare rows with
 each other rather than reading them as the step's own footprint. `--gradient-checkpointing both` runs every
 mode with and without checkpointing, interleaved like the rest.
 """
@@ -84,6 +84,10 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
     modes = [(mode, ratio, skip, gc) for gc in checkpointing for mode, ratio, skip in skip_sets]
 
     initial = [p.detach().clone() for p in masters.params] if masters is not None else None
+    # One optimiser for every run, its states zeroed before each (so every update is a fresh AdamW's first
+    # step): the states stay allocated, as in training, instead of being created inside each update's window.
+    optimizer = torch.optim.AdamW(masters.params, lr=recipe.optimizer.lr) if masters is not None else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0) if optimizer is not None else None
     reward_fn = math_reward_fn(recipe)
 
     def run_once(skip: tuple[int, ...], max_new_tokens: int, gc: bool) -> dict[str, float]:
@@ -93,6 +97,9 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
                     p.copy_(value)
             masters.copy_to_model()
             set_gradient_checkpointing(model, gc)
+            for state in optimizer.state.values():
+                for value in state.values():
+                    value.zero_()
         resettable = reset_peak_memory(device)
         start = time.perf_counter()
         rollout = generate(model, prompts, num_generations=recipe.rollout.num_generations,
@@ -106,8 +113,6 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
             batch = score(rollout, examples, tokenizer, reward_fn, recipe.rollout.num_generations,
                           recipe.objective.scale_rewards)
             scored = time.perf_counter()
-            optimizer = torch.optim.AdamW(masters.params, lr=recipe.optimizer.lr)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
             if resettable:  # the update's own peak (activations, gradients, optimiser states), rollout excluded
                 reset_peak_memory(device)
             optimise(model, None, optimizer, scheduler, batch, recipe, params, masters)
@@ -147,7 +152,8 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
         base = modes.index(("baseline", 0.0, (), gc))  # the baseline with the same checkpointing
         ideal = num_layers / (num_layers - len(skip))
         # The median of per-repeat ratios: each pair ran back to back, so slow phases of the machine cancel.
-        speedup = statistics.median(n["tokens_per_sec"] / b["tokens_per_sec"] for n, b in zip(samples[i], samples[base]))
+        speedup = statistics.median(n["tokens_per_sec"] / b["tokens_per_sec"]
+                                    for n, b in zip(samples[i], samples[base]))
         entry = {"skip_ratio": ratio, "num_skipped": len(skip), "speedup": speedup, "ideal_speedup": ideal,
                  "efficiency": speedup / ideal}
         if what == "train":

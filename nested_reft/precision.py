@@ -54,7 +54,8 @@ def cpu_native_bf16() -> bool:
     Without either, torch emulates bf16 matmuls: measured on a 2-core AVX2 EPYC, a SmolLM2-135M forward and
     backward takes 25x longer in bf16 than in float32.
     """
-    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None),
+              getattr(torch.cpu, "_is_avx512_bf16_supported", None))
     if any(probe is not None and probe() for probe in probes):
         return True
     return bool(set(NATIVE_BF16_CPU_FLAGS) & _cpuinfo_flags())
@@ -101,7 +102,8 @@ def resolve_mixed_precision(choice: str, device: torch.device) -> tuple[str, str
     if choice == "bf16" and cuda and not native:
         raise UserError("model.mixed_precision: this CUDA device has no native bf16; use fp16 or no")
     if choice == "bf16" and not native:
-        return "bf16", "mixed_precision bf16: this CPU has no AMX-BF16 or AVX512-BF16, so bf16 is emulated (much slower than float32)"
+        return "bf16", ("mixed_precision bf16: this CPU has no AMX-BF16 or AVX512-BF16, so bf16 is emulated "
+                        "(much slower than float32)")
     return choice, None
 
 
@@ -143,7 +145,8 @@ def cast_for_inference(model: torch.nn.Module, mode: str, *, fp32_head: bool = T
     return model
 
 
-def cast_to_compute(model: torch.nn.Module, dtype: torch.dtype, *, fp32_head: bool = True) -> list[torch.nn.Parameter]:
+def cast_to_compute(model: torch.nn.Module, dtype: torch.dtype, *,
+                    fp32_head: bool = True) -> list[torch.nn.Parameter]:
     """Cast the model's floating-point parameters to `dtype` in place; returns those left in float32.
 
     Buffers keep their dtype (the rotary inverse frequencies must stay float32 for exact positions). With

@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nested_reft.memory import gradient_checkpointing_enabled, resolve_gradient_checkpointing, set_gradient_checkpointing
+from nested_reft.memory import (
+    gradient_checkpointing_enabled,
+    resolve_gradient_checkpointing,
+    set_gradient_checkpointing,
+)
 from nested_reft.objective import completion_log_probs
 from nested_reft.precision import MasterWeights
 from nested_reft.rollout import generate

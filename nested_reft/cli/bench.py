@@ -72,7 +72,8 @@ def bench(
     console.print(table)
     if "gradient_checkpointing" in result:
         gc = result["gradient_checkpointing"]
-        console.print(f"gradient checkpointing (baseline): update peak {gc['train_peak_memory_mb']['off']:.0f} -> "
-                      f"{gc['train_peak_memory_mb']['on']:.0f} MB, update time x{gc['train_seconds']['on_over_off']:.2f}"
+        peak, seconds = gc["train_peak_memory_mb"], gc["train_seconds"]
+        console.print(f"gradient checkpointing (baseline): update peak {peak['off']:.0f} -> {peak['on']:.0f} MB, "
+                      f"update time x{seconds['on_over_off']:.2f}"
                       f"  [{result['settings']['peak_memory']}]", highlight=False, soft_wrap=True)
     console.print(f"report: {report}" + (f"   plot: {plot}" if plot else ""))
