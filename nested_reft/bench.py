@@ -3,8 +3,8 @@
 Fairness rules: one process, one model, the same prompts and seed for every mode, a fixed completion length
 (EOS is suppressed until `max_completion_length`, so every mode generates exactly the same number of tokens),
 one untimed warm-up, and runs interleaved (baseline, r1, r2, then r2, r1, baseline, ...) so that drift in
-machine speed hits every mode alike. Figures are medians over repeats. Each ratio's skip set is drawn once (seeded)
-and reused across repeats.
+machine speed hits every mode alike. Figures are medians over repeats. Each ratio's skip set is drawn once (seeded),
+the way the recipe's `skipping.strategy` draws it, and reused across repeats.
 
 speedup = nested tokens/sec / baseline tokens/sec (the median of the per-repeat ratios); the ideal is L / (L - k) (only decoder layers are skipped:
 embedding, LM head and sampling cost the same in both modes, so efficiency = speedup / ideal < 1 is expected).
@@ -12,9 +12,9 @@ embedding, LM head and sampling cost the same in both modes, so efficiency = spe
 Precision is the recipe's resolved `model.mixed_precision` (training steps keep `model.dtype` master weights).
 Peak memory is measured per run: on CUDA the allocator's peak, on Linux CPUs the process's peak RSS (VmHWM),
 reset through /proc/self/clear_refs before the rollout and again before the update, so each row shows its
-own peaks (`peak_memory_mb` for the step, `train_peak_memory_mb` for the update alone). RSS counts everything
-the process holds (model, the bench's copy of the initial weights, AdamW states, allocator caches), so compare rows with
-each other rather than reading them as the step's own footprint. `--gradient-checkpointing both` runs every
+own peaks (`peak_memory_mb` for the step, `train_peak_memory_mb` for the update alone). RSS counts
+everything the process holds (model, the bench's copy of the initial weights, AdamW states, allocator caches),
+so compare rows with each other rather than reading them as the step's own footprint. `--gradient-checkpointing both` runs every
 mode with and without checkpointing, interleaved like the rest.
 """
 
@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from nested_reft.calibrate import probe_layer_costs
 from nested_reft.data import load_examples
 from nested_reft.errors import UserError
 from nested_reft.memory import set_gradient_checkpointing
@@ -74,13 +75,21 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
     length = recipe.rollout.max_completion_length
     eos = eos_token_ids(tokenizer, model.generation_config)
 
+    # Each ratio's skip set is drawn the way the recipe's strategy draws it in training (a `fixed` set is the one
+    # nested mode); the cost-aware strategies measure per-layer costs first when no calibration file is given.
+    sampler = SkipSampler.from_config(recipe.skipping, num_layers, recipe.run.seed)
+    if sampler.needs_costs:
+        progress("measuring per-layer skip costs")
+        reference = generate(model, prompts, max_new_tokens=length, params=params, eos_token_ids=eos,
+                             pad_token_id=tokenizer.pad_token_id, seed=recipe.run.seed)
+        sampler.set_costs(probe_layer_costs(model, reference, list(range(len(prompts))), sampler.eligible, params))
+    skip_sets: list[tuple[str, float, tuple[int, ...]]] = [("baseline", 0.0, ())]
+    if recipe.skipping.strategy == "fixed":
+        skip_sets.append(("nested", *sampler.sample()))
+    else:
+        skip_sets += [("nested", ratio, sampler.sample(ratio)[1]) for ratio in skip_ratios]
     checkpointing = {"recipe": [bool(recipe.train.gradient_checkpointing)], "on": [True], "off": [False],
                      "both": [False, True]}[gradient_checkpointing] if what == "train" else [False]
-    skip_sets: list[tuple[str, float, tuple[int, ...]]] = [("baseline", 0.0, ())]
-    for ratio in skip_ratios:
-        sampler = SkipSampler(num_layers, ratio=ratio, keep_first=recipe.skipping.keep_first,
-                              keep_last=recipe.skipping.keep_last, seed=recipe.run.seed)
-        skip_sets.append(("nested", ratio, sampler.sample()[1]))
     modes = [(mode, ratio, skip, gc) for gc in checkpointing for mode, ratio, skip in skip_sets]
 
     initial = [p.detach().clone() for p in masters.params] if masters is not None else None
@@ -115,7 +124,7 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
             scored = time.perf_counter()
             if resettable:  # the update's own peak (activations, gradients, optimiser states), rollout excluded
                 reset_peak_memory(device)
-            optimise(model, None, optimizer, scheduler, batch, recipe, params, masters)
+            optimise(model, None, optimizer, scheduler, batch, recipe, params, masters, skip_zero_advantage=False)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             done = time.perf_counter()
@@ -164,7 +173,8 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
     report = {"model": source, "device": describe_device(device), "num_layers": num_layers, "what": what,
               "settings": {"sequences": len(prompts) * recipe.rollout.num_generations, "completion_length": length,
                            "repeats": repeats, "temperature": params.temperature, "dtype": recipe.model.dtype,
-                           "mixed_precision": precision, "seed": recipe.run.seed,
+                           "mixed_precision": precision, "strategy": recipe.skipping.strategy,
+                           "seed": recipe.run.seed,
                            "peak_memory": peak_memory_method(device)},
               "results": results, "comparisons": comparisons}
     if len(checkpointing) > 1:

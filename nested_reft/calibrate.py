@@ -2,19 +2,22 @@
 
 On N training prompts, completions are sampled with the full model. Then:
 
-(a) per eligible layer i: the mean per-token KL(full || full without layer i) over the completion tokens, and
-    the block influence 1 - cos(h_in, h_out) of the layer on the same tokens (how much it changes the residual);
-(b) per ratio: the k cheapest layers by (a) form the skip set; on the full model's samples we measure KL and
-    greedy-token agreement, and on samples drawn from that skipped view the importance weights
+(a) per eligible layer i: the mean per-token KL between the full model and the full model without layer i,
+    in both directions (`kl` = KL(full || skipped); `kl_mu_pi` = KL(skipped || full), the direction a training
+    run measures as `kl_mu_pi`), the greedy agreement, and the block influence 1 - cos(h_in, h_out) of the
+    layer on the same tokens (how much it changes the residual);
+(b) per ratio: the k cheapest layers by (a) form the skip set; on the full model's samples we measure both
+    KLs and greedy-token agreement, and on samples drawn from that skipped view the importance weights
     rho = exp(lp_full - lp_skipped) a training run would see (mean, p95, max, ESS), and the rollout
     tokens/sec against the full model, timed side by side at a fixed completion length.
 
-The report's `layer_weights` (exp(-KL_i / mean KL)) is what `skipping.strategy: calibrated` samples from.
+The report's `layers` list is the per-layer cost profile that `skipping.strategy: calibrated` and `adaptive`
+read (`skip_control.LayerCosts`); a training run without one measures the same costs on its first batch
+(`probe_layer_costs`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +34,7 @@ from nested_reft.recipe import Recipe
 from nested_reft.rollout import Rollout, generate
 from nested_reft.rundir import resolve_model_path
 from nested_reft.sampling import SamplingParams, log_probs
+from nested_reft.skip_control import LayerCosts
 from nested_reft.skipping import SkipSampler, decoder_layers, skip_layers
 
 Progress = Callable[[str], None]
@@ -42,23 +46,87 @@ def _sequences(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def compare_to_full(model, full_hidden: torch.Tensor, rollout: Rollout, skip: tuple[int, ...], params: SamplingParams,
-                    chunk_size: int = 512) -> tuple[float, float]:
-    """(mean KL(full || skipped), greedy agreement) over the rollout's completion tokens.
+def compare_to_full(model, full_hidden: torch.Tensor, sequences: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
+                    skip: tuple[int, ...], params: SamplingParams) -> dict[str, float]:
+    """KL(full || skipped), KL(skipped || full) and greedy agreement, averaged over the completion tokens.
 
-    `full_hidden` is the full model's `completion_hidden_states` for the rollout; the LM head is applied in
-    chunks so no [tokens, V] tensor is held for all tokens at once.
+    `sequences` is (input_ids, attention_mask, completion mask, prompt width) and `full_hidden` the full model's
+    `completion_hidden_states` for them.
     """
-    ids, attention, mask, width = _sequences(rollout)
+    ids, attention, mask, width = sequences
     with skip_layers(model, skip):
         skipped_hidden = completion_hidden_states(model, ids, attention, width)
+    return _divergence(model, full_hidden, skipped_hidden, mask, params)
+
+
+@torch.no_grad()
+def single_layer_divergences(model, sequences: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
+                             layers: list[int], params: SamplingParams) -> dict[int, dict[str, float]]:
+    """`compare_to_full` of skipping each of `layers` alone, without recomputing the layers before it.
+
+    Skipping layer i leaves layers 0..i-1 untouched, so one full forward records what the decoder passes every
+    layer (hidden state, mask, position embeddings, ...) and skipping i restarts from layer i's input at layer
+    i + 1: about half the work of a full forward per layer.
+    """
+    ids, attention, mask, width = sequences
+    decoder, all_layers = model.get_decoder(), decoder_layers(model)
+    calls: dict[int, tuple[tuple, dict]] = {}
+    handles = [layer.register_forward_pre_hook(lambda _m, args, kwargs, i=i: calls.__setitem__(i, (args, kwargs)),
+                                               with_kwargs=True) for i, layer in enumerate(all_layers)]
+    try:
+        full_hidden = completion_hidden_states(model, ids, attention, width)
+    finally:
+        for handle in handles:
+            handle.remove()
+    results = {}
+    for i in layers:
+        hidden = _replace_hidden(*calls[i], None)[0]
+        for j in range(i + 1, len(all_layers)):
+            args, kwargs = _replace_hidden(*calls[j], hidden)[1:]
+            output = all_layers[j](*args, **kwargs)
+            hidden = output[0] if isinstance(output, tuple) else output
+        hidden = decoder.norm(hidden)
+        skipped_hidden = hidden[:, width - 1 : -1].reshape(-1, hidden.shape[-1])
+        results[i] = _divergence(model, full_hidden, skipped_hidden, mask, params)
+    return results
+
+
+def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor | None) -> tuple[torch.Tensor, tuple, dict]:
+    """(the recorded hidden-state input, args and kwargs with `hidden` in its place when given)."""
+    if args:
+        return args[0], (hidden if hidden is not None else args[0], *args[1:]), kwargs
+    recorded = kwargs["hidden_states"]
+    return recorded, args, {**kwargs, "hidden_states": hidden if hidden is not None else recorded}
+
+
+def _divergence(model, full_hidden: torch.Tensor, skipped_hidden: torch.Tensor, mask: torch.Tensor,
+                params: SamplingParams, chunk_size: int = 512) -> dict[str, float]:
+    """Both KLs (exact sums over the vocabulary at each position) and greedy agreement between the two models'
+    next-token distributions at the valid completion positions. The LM head runs in chunks, so no [tokens, V]
+    tensor is held for all tokens at once."""
     valid = mask.reshape(-1)
-    kl_sum, agree, n = 0.0, 0, int(valid.sum())
+    kl_sum, kl_reverse_sum, agree, n = 0.0, 0.0, 0, int(valid.sum())
     for hf, hs, v in zip(full_hidden.split(chunk_size), skipped_hidden.split(chunk_size), valid.split(chunk_size)):
         lf, ls = log_probs(model.lm_head(hf[v]), params), log_probs(model.lm_head(hs[v]), params)
         kl_sum += (lf.exp() * (lf - ls)).sum().item()
+        kl_reverse_sum += (ls.exp() * (ls - lf)).sum().item()
         agree += (lf.argmax(-1) == ls.argmax(-1)).sum().item()
-    return kl_sum / n, agree / n
+    return {"kl": kl_sum / n, "kl_mu_pi": kl_reverse_sum / n, "greedy_agreement": agree / n}
+
+
+def probe_layer_costs(model, rollout: Rollout, rows: list[int], eligible: list[int],
+                      params: SamplingParams) -> LayerCosts:
+    """Per-layer skip costs KL(skipped || full) measured on `rows` of a full-model rollout.
+
+    The quick probe a run makes on its first batch when the strategy needs costs and no calibration file was
+    given: about half a no-grad forward over a few sequences per eligible layer.
+    """
+    ids, attention, mask, width = _sequences(rollout)
+    mask = mask[rows]
+    length = max(1, int(mask.sum(1).max()))  # drop padding columns that no selected row reaches
+    sequences = (ids[rows, : width + length], attention[rows, : width + length], mask[:, :length], width)
+    divergences = single_layer_divergences(model, sequences, eligible, params)
+    return LayerCosts({i: d["kl_mu_pi"] for i, d in divergences.items()}, len(decoder_layers(model)))
 
 
 @torch.no_grad()
@@ -109,26 +177,23 @@ def calibrate(recipe: Recipe, ratios: list[float], num_prompts: int, progress: P
 
     progress("sampling with the full model")
     reference = sample()
-    ids, attention, _, width = _sequences(reference)
+    sequences = _sequences(reference)
+    ids, attention, _, width = sequences
     with torch.no_grad():
         full_hidden = completion_hidden_states(model, ids, attention, width)
     influence = block_influence(model, reference)
 
-    layers = []
-    for i in eligible:
-        progress(f"layer {i}")
-        kl, agreement = compare_to_full(model, full_hidden, reference, (i,), params)
-        layers.append({"layer": i, "kl": kl, "greedy_agreement": agreement, "block_influence": influence[i]})
-    mean_kl = sum(entry["kl"] for entry in layers) / len(layers)
-    weights = {str(e["layer"]): math.exp(-e["kl"] / mean_kl) if mean_kl > 0 else 1.0 for e in layers}
-    cheapest = [e["layer"] for e in sorted(layers, key=lambda e: e["kl"])]
+    progress("skipping each layer alone")
+    divergences = single_layer_divergences(model, sequences, eligible, params)
+    layers = [{"layer": i, **divergences[i], "block_influence": influence[i]} for i in eligible]
+    costs = LayerCosts({e["layer"]: e["kl_mu_pi"] for e in layers}, num_layers)
 
     rows = []
     for ratio in ratios:
         progress(f"ratio {ratio}")
         sampler = SkipSampler(num_layers, ratio=ratio, keep_first=skipping.keep_first, keep_last=skipping.keep_last)
-        skip = tuple(sorted(cheapest[: len(sampler.sample()[1])]))
-        kl, agreement = compare_to_full(model, full_hidden, reference, skip, params)
+        skip = costs.cheapest(len(sampler.sample()[1]))
+        divergence = compare_to_full(model, full_hidden, sequences, skip, params)
         behavior = sample(skip)
         b_ids, b_attention, b_mask, b_width = _sequences(behavior)
         with torch.no_grad():
@@ -138,12 +203,11 @@ def calibrate(recipe: Recipe, ratios: list[float], num_prompts: int, progress: P
         stats = correction_stats(rho, lp_full[b_mask], behavior.behavior_log_probs[b_mask],
                                  torch.ones_like(rho, dtype=torch.bool))
         full_tps, skip_tps = sample((), True).tokens_per_second, sample(skip, True).tokens_per_second
-        rows.append({"ratio": ratio, "num_skipped": len(skip), "skipped_layers": list(skip), "kl": kl,
-                     "greedy_agreement": agreement, "rho_mean": rho.mean().item(),
+        rows.append({"ratio": ratio, "num_skipped": len(skip), "skipped_layers": list(skip), **divergence,
+                     "rho_mean": rho.mean().item(),
                      "rho_p95": torch.quantile(rho.double(), 0.95).item(), "rho_max": rho.max().item(),
                      "ess": stats["ess"], "tokens_per_sec": skip_tps, "full_tokens_per_sec": full_tps,
                      "speedup": skip_tps / full_tps, "ideal_speedup": num_layers / (num_layers - len(skip))})
     return {"model": source, "num_layers": num_layers, "eligible_layers": eligible, "num_prompts": len(prompts),
             "max_completion_length": length, "sampling": asdict(params),
-            "mixed_precision": recipe.model.mixed_precision, "layers": layers,
-            "layer_weights": weights, "ratios": rows}
+            "mixed_precision": recipe.model.mixed_precision, "layers": layers, "ratios": rows}

@@ -82,13 +82,21 @@ class RolloutConfig(Section):
 
 
 class SkippingConfig(Section):
-    strategy: Literal["random", "contiguous", "fixed", "calibrated"] = "random"
+    strategy: Literal["random", "contiguous", "fixed", "calibrated", "adaptive"] = Field(
+        "random", description="How skip sets are drawn; 'adaptive' holds KL(mu||pi) at target_kl with the cheapest layers."
+    )
     ratio: float | list[float] = Field(0.0, description="Fraction of decoder layers skipped; a list is drawn from per batch.")
-    ratio_range: tuple[float, float] | None = Field(None, description="[lo, hi]: ratio drawn uniformly per batch.")
+    ratio_range: tuple[float, float] | None = Field(
+        None, description="[lo, hi]: ratio drawn uniformly per batch; for 'adaptive', the bounds of its choice."
+    )
     layers: list[int] | None = Field(None, description="The skipped layers for strategy 'fixed'.")
     keep_first: int = Field(1, ge=0, description="The first N layers are never skipped.")
     keep_last: int = Field(1, ge=0, description="The last N layers are never skipped.")
-    calibration_file: str | None = Field(None, description="calibrate-skips output read by strategy 'calibrated'.")
+    calibration_file: str | None = Field(
+        None, description="Per-layer skip costs (calibrate-skips output) for 'calibrated'/'adaptive'; "
+        "without one the run measures them on its first batch."
+    )
+    target_kl: float = Field(0.5, gt=0.0, description="'adaptive': the KL(mu||pi) per token, in nats, to stay at.")
 
     @model_validator(mode="after")
     def _check(self) -> SkippingConfig:
@@ -104,18 +112,9 @@ class SkippingConfig(Section):
             raise ValueError(f"ratio must be in [0, 1), found {self.ratio}")
         if self.strategy == "fixed" and not self.layers:
             raise ValueError("strategy 'fixed' needs `layers`")
-        if self.strategy == "calibrated" and not self.calibration_file:
-            raise ValueError("strategy 'calibrated' needs `calibration_file` (written by calibrate-skips)")
+        if self.strategy == "adaptive" and self.ratio != 0.0:
+            raise ValueError("strategy 'adaptive' chooses the ratio itself; bound it with `ratio_range` instead of `ratio`")
         return self
-
-    @property
-    def enabled(self) -> bool:
-        """False for baseline ReFT (nothing can ever be skipped)."""
-        if self.strategy == "fixed":
-            return bool(self.layers)
-        if self.ratio_range is not None:
-            return self.ratio_range[1] > 0
-        return any(r > 0 for r in (self.ratio if isinstance(self.ratio, list) else [self.ratio]))
 
 
 class ObjectiveConfig(Section):

@@ -7,12 +7,12 @@ layer's `layer_idx` is renumbered 0..K-1 and the config's layer count and per-la
 shrink to match. A skipped layer therefore passes the residual stream unchanged, and a KV cache created
 inside the block has one slot per kept layer, as transformers expects.
 
-`SkipSampler` draws the skipped set per batch (`random`, `contiguous`, `fixed` or `calibrated`).
+`SkipSampler` draws the skipped set per batch (`random`, `contiguous`, `fixed`, `calibrated` or `adaptive`;
+the last two choose cheap layers by their measured cost, see `skip_control`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import weakref
@@ -24,18 +24,15 @@ from typing import Any
 from torch import nn
 
 from nested_reft.errors import UserError
+from nested_reft.skip_control import AdaptiveController, LayerCosts
 
 # Causal-LM families whose decoder is `model.model.layers` and whose forward loops over
 # `layers[:config.num_hidden_layers]`, with `config.layer_types` as the only per-layer config list.
 # tests/test_skipping.py checks each of them against a physically truncated copy.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 
-STRATEGIES = ("random", "contiguous", "fixed", "calibrated")
-
-# Key of the calibration JSON (written by `calibrate-skips`) that the `calibrated` strategy reads:
-# {"layer_weights": {"<layer index>": <weight >= 0>, ...}, "num_layers": L (optional, checked when present)}.
-# A layer's chance of being skipped is proportional to its weight; absent layers have weight 0 (never skipped).
-CALIBRATION_WEIGHTS_KEY = "layer_weights"
+STRATEGIES = ("random", "contiguous", "fixed", "calibrated", "adaptive")
+COST_AWARE = ("calibrated", "adaptive")  # strategies that need per-layer skip costs
 
 _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # decoders currently inside skip_layers
 
@@ -131,10 +128,16 @@ class SkipSampler:
 
     k = round(ratio * num_layers) (halves up), clipped to the eligible layers: those outside the first
     `keep_first` and last `keep_last`. `ratio` is one value or a list (one drawn uniformly per batch);
-    `ratio_range=(lo, hi)` draws it uniformly instead. Strategies: `random` (k eligible layers uniformly
-    without replacement), `contiguous` (a uniformly placed block of k eligible layers), `fixed` (exactly
-    `layers`, ratio ignored), `calibrated` (k eligible layers without replacement, each draw proportional to
-    the weights under "layer_weights" in `calibration_file`).
+    `ratio_range=(lo, hi)` draws it uniformly instead. Strategies:
+    - `random`: k eligible layers, uniformly without replacement;
+    - `contiguous`: a uniformly placed block of k eligible layers;
+    - `fixed`: exactly `layers` (ratio ignored);
+    - `calibrated`: k layers drawn uniformly from the cheapest ~1.5k by their skip cost, so that draws vary
+      from batch to batch yet cost close to the cheapest set;
+    - `adaptive`: the cheapest `count` layers, where `AdaptiveController` sets `count` after each batch from
+      the measured KL(mu || pi) (`observe`) to stay at `target_kl`, within `ratio_range` when one is given.
+    The cost-aware strategies read per-layer costs from `calibration_file`; without one, `needs_costs` is true,
+    `sample` returns the empty set, and the caller measures costs on that batch and hands them to `set_costs`.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class SkipSampler:
         keep_first: int = 1,
         keep_last: int = 1,
         calibration_file: str | Path | None = None,
+        target_kl: float = 0.5,
         seed: int = 0,
     ) -> None:
         if strategy not in STRATEGIES:
@@ -157,47 +161,100 @@ class SkipSampler:
                 f"skip.keep_first/keep_last: expected non-negative values summing to at most {num_layers}, "
                 f"found {keep_first} and {keep_last}"
             )
+        if not target_kl > 0:
+            raise UserError(f"skip.target_kl: expected a number > 0, found {target_kl}")
         self.num_layers = num_layers
         self.strategy = strategy
         self.ratios = _check_ratios(ratio, ratio_range)
         self.ratio_range = tuple(ratio_range) if ratio_range is not None else None
         self.eligible = list(range(keep_first, num_layers - keep_last))
         self.fixed = self._check_fixed(layers)
-        self.weights = _read_layer_weights(calibration_file, num_layers) if strategy == "calibrated" else None
+        self.target_kl = target_kl
+        self.costs: LayerCosts | None = None
+        self.controller: AdaptiveController | None = None
         self._rng = random.Random(seed)
+        if strategy in COST_AWARE and calibration_file is not None:
+            self.set_costs(LayerCosts.read(calibration_file, num_layers))
 
     @classmethod
     def from_config(cls, cfg: Any, num_layers: int, seed: int) -> SkipSampler:
         """Build from any object carrying __init__'s keyword arguments as attributes (the recipe's skipping section)."""
-        names = ("strategy", "ratio", "ratio_range", "layers", "keep_first", "keep_last", "calibration_file")
+        names = ("strategy", "ratio", "ratio_range", "layers", "keep_first", "keep_last", "calibration_file",
+                 "target_kl")
         return cls(num_layers, seed=seed, **{name: getattr(cfg, name) for name in names})
 
+    @property
+    def needs_costs(self) -> bool:
+        """Whether the strategy still waits for per-layer costs (then `sample` skips nothing)."""
+        return self.strategy in COST_AWARE and self.costs is None
+
+    def set_costs(self, costs: LayerCosts) -> None:
+        """Use these per-layer skip costs from now on (the adaptive controller starts from them)."""
+        if costs.num_layers != self.num_layers:
+            raise ValueError(f"costs are for {costs.num_layers} layers, the model has {self.num_layers}")
+        self.costs = costs
+        if self.strategy == "adaptive":
+            lo, hi = self.ratio_range or (0.0, 1.0)
+            self.controller = AdaptiveController(costs, self._costed(), self.target_kl, self._count(lo),
+                                                 self._count(hi))
+
     def sample(self, ratio: float | None = None) -> tuple[float, tuple[int, ...]]:
-        """Draw this batch's (ratio, sorted skipped layers); `ratio` overrides the configured one (adaptive schemes)."""
+        """Draw this batch's (ratio, sorted skipped layers); `ratio` overrides the configured one."""
         if self.strategy == "fixed":
             return len(self.fixed) / self.num_layers, self.fixed
+        if self.needs_costs:
+            return 0.0, ()
+        if self.controller is not None and ratio is None:
+            skipped = self.controller.layers()
+            return len(skipped) / self.num_layers, skipped
         if ratio is None:
             ratio = self._draw_ratio()
         elif not 0.0 <= ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-        k = self._num_skipped(ratio)
+        k = self._count(ratio)
         if self.strategy == "random":
             skipped = self._rng.sample(self.eligible, k)
         elif self.strategy == "contiguous":
             start = self._rng.randint(self.eligible[0], self.eligible[-1] - k + 1) if k else 0
             skipped = list(range(start, start + k))
-        else:
-            skipped = self._weighted_sample(k)
+        elif self.strategy == "adaptive":  # an explicit ratio: the layers the controller would pick at that count
+            skipped = list(self.costs.cheapest(k, self._costed()))
+        else:  # calibrated: the pool of the cheapest ~1.5k layers that have a measured cost
+            costed = self._costed()
+            k = min(k, len(costed))
+            pool = list(self.costs.cheapest(min(len(costed), k + max(1, math.ceil(k / 2))), costed))
+            skipped = self._rng.sample(pool, k)
         return ratio, tuple(sorted(skipped))
 
+    def observe(self, skipped: tuple[int, ...], kl_mu_pi: float) -> dict[str, Any]:
+        """Report the KL(mu || pi) measured on a batch sampled with `skipped`; returns the controller's
+        target and decision for the metrics row (empty for strategies without a controller)."""
+        if self.controller is None:
+            return {}
+        self.controller.update(len(skipped), kl_mu_pi)
+        return {"target_kl": self.target_kl, "skip_decision": self.controller.last["decision"],
+                "next_num_skipped": self.controller.count,
+                "kl_predicted_next": self.controller.last["kl_predicted_next"]}
+
     def state_dict(self) -> dict[str, Any]:
-        """The RNG state (JSON-serialisable), so a resumed run redraws the same skip sets."""
+        """The RNG and controller state (JSON-serialisable), so a resumed run redraws the same skip sets."""
         version, internal, gauss_next = self._rng.getstate()
-        return {"rng_state": [version, list(internal), gauss_next]}
+        state: dict[str, Any] = {"rng_state": [version, list(internal), gauss_next]}
+        if self.controller is not None:
+            state["controller"] = self.controller.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         version, internal, gauss_next = state["rng_state"]
         self._rng.setstate((version, tuple(internal), gauss_next))
+        if "controller" in state:
+            if self.controller is None:
+                raise ValueError("the saved state has an adaptive controller; set the layer costs before loading")
+            self.controller.load_state_dict(state["controller"])
+
+    def _costed(self) -> list[int]:
+        """Eligible layers whose skip cost is known (a profile may leave layers out: those are never skipped)."""
+        return [i for i in self.eligible if i in self.costs.kl]
 
     def _draw_ratio(self) -> float:
         if self.ratio_range is not None:
@@ -206,21 +263,9 @@ class SkipSampler:
             return self.ratios[0]
         return self._rng.choice(self.ratios)
 
-    def _num_skipped(self, ratio: float) -> int:
-        candidates = self.eligible if self.weights is None else [i for i in self.eligible if self.weights[i] > 0]
-        # Never every layer: with keep_first = keep_last = 0 the eligible set is the whole model.
-        return min(math.floor(ratio * self.num_layers + 0.5), len(candidates), self.num_layers - 1)
-
-    def _weighted_sample(self, k: int) -> list[int]:
-        """k distinct eligible layers, each successive draw proportional to the remaining weights."""
-        assert self.weights is not None
-        pool = [i for i in self.eligible if self.weights[i] > 0]
-        chosen = []
-        for _ in range(k):
-            pick = self._rng.choices(pool, weights=[self.weights[i] for i in pool])[0]
-            pool.remove(pick)
-            chosen.append(pick)
-        return chosen
+    def _count(self, ratio: float) -> int:
+        """Layers skipped at `ratio`: rounded half up, at most the eligible layers and never every layer."""
+        return min(math.floor(ratio * self.num_layers + 0.5), len(self.eligible), self.num_layers - 1)
 
     def _check_fixed(self, layers: list[int] | None) -> tuple[int, ...]:
         if self.strategy != "fixed":
@@ -241,34 +286,3 @@ def _check_ratios(ratio: float | list[float], ratio_range: tuple[float, float] |
         if len(ratio_range) != 2 or not 0.0 <= ratio_range[0] <= ratio_range[1] < 1.0:
             raise UserError(f"skip.ratio_range: expected [lo, hi] with 0 <= lo <= hi < 1, found {ratio_range!r}")
     return ratios
-
-
-def _read_layer_weights(path: str | Path | None, num_layers: int) -> dict[int, float]:
-    """Per-layer weights {index: weight >= 0} from a calibration JSON; every layer is present (default 0)."""
-    if path is None:
-        raise UserError("skip.calibration_file: strategy 'calibrated' needs the JSON written by calibrate-skips")
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"skip.calibration_file: cannot read '{path}' as JSON ({exc})") from None
-    raw = data.get(CALIBRATION_WEIGHTS_KEY) if isinstance(data, dict) else None
-    if not isinstance(raw, dict):
-        raise UserError(f"skip.calibration_file: '{path}' has no \"{CALIBRATION_WEIGHTS_KEY}\" object")
-    if isinstance(data.get("num_layers"), int) and data["num_layers"] != num_layers:
-        raise UserError(
-            f"skip.calibration_file: '{path}' was calibrated for {data['num_layers']} layers, "
-            f"the model has {num_layers}"
-        )
-    weights = dict.fromkeys(range(num_layers), 0.0)
-    for key, value in raw.items():
-        try:
-            index, weight = int(key), float(value)
-        except (TypeError, ValueError):
-            index, weight = -1, math.nan
-        if not 0 <= index < num_layers or not math.isfinite(weight) or weight < 0:
-            raise UserError(
-                f"skip.calibration_file: '{path}' {CALIBRATION_WEIGHTS_KEY}: expected layer index in "
-                f"[0, {num_layers - 1}] -> finite weight >= 0, found {key!r}: {value!r}"
-            )
-        weights[index] = weight
-    return weights

@@ -4,13 +4,16 @@ One step, top to bottom (see `train`):
 
     prompts  -> draw a skip set S -> sample G completions per prompt from mu_S (rollout engine)
              -> score them (math reward) -> group advantages
-             -> num_iterations passes of micro-batched PPO-clipped updates, each token weighted by an
-                importance-correction weight w(lp_old, lp_b) that accounts for sampling from mu_S, not pi_theta
-             -> metrics row, rollouts, checkpoint, eval
+             -> num_iterations passes of micro-batched PPO-clipped updates over the rows with signal, each
+                token weighted by an importance-correction weight w(lp_old, lp_b) that accounts for sampling
+                from mu_S, not pi_theta
+             -> the skip controller reads the measured KL(mu || pi) (strategy `adaptive`)
+             -> metrics row (with a one-line warning when the run cannot learn), rollouts, checkpoint, eval
 
 The empty skip set is baseline ReFT: the same loop, with rho = 1 exactly. Everything a resumed run needs to
-continue bit for bit (weights, optimiser, scheduler, data cursor, skip sampler, RNG) is in the checkpoint;
-sampling seeds are derived from (seed, step), so they need no state.
+continue bit for bit (weights, optimiser, scheduler, data cursor, skip sampler and controller, RNG) is in the
+checkpoint, and per-layer skip costs a run measured for itself are in its reports/; sampling seeds are
+derived from (seed, step), so they need no state.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from typing import Any
 
 import torch
 
+from nested_reft.calibrate import probe_layer_costs
 from nested_reft.data import Example, load_examples
 from nested_reft.errors import UserError
 from nested_reft.evaluate import evaluate_examples
+from nested_reft.health import TrainingHealth
 from nested_reft.memory import set_gradient_checkpointing
 from nested_reft.models import load_model, peak_memory_mb
 from nested_reft.objective import (
@@ -47,9 +52,12 @@ from nested_reft.rewards import math_reward
 from nested_reft.rollout import Rollout, generate
 from nested_reft.rundir import RunDir, atomic_write_text, resolve_model_path
 from nested_reft.sampling import SamplingParams
+from nested_reft.skip_control import LayerCosts
 from nested_reft.skipping import SkipSampler, decoder_layers
 
 TRAINER_STATE = "trainer_state.pt"
+LAYER_COSTS = "layer_costs.json"  # in reports/: the per-layer skip costs a run measured for itself
+PROBE_ROWS = 4  # completions (one per prompt) the per-layer cost probe runs on: ~1 forward per eligible layer
 
 # reward_fn(completion_text, completion_token_ids, example) -> (reward, correct). The default is the math reward;
 # tests plug in synthetic tasks a tiny random model can learn.
@@ -141,17 +149,29 @@ def score(rollout: Rollout, examples: list[Example], tokenizer, reward_fn: Rewar
                          group_advantages(rewards, group_size, scale_rewards))
 
 
-def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recipe: Recipe,
-             params: SamplingParams, masters: MasterWeights | None = None) -> dict[str, float]:
+def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recipe: Recipe, params: SamplingParams,
+             masters: MasterWeights | None = None, *, skip_zero_advantage: bool = True) -> dict[str, Any]:
     """`num_iterations` passes of clipped, importance-corrected policy-gradient updates over one batch.
 
-    lp_old (full model, no grad, before the update) is computed once. With a single pass it equals the
-    detached lp of that pass exactly (nothing has been updated yet), which saves one forward over the batch.
-    With the empty skip set the behavior policy *is* pi_old, so lp_b is taken to be lp_old: the sampler's
-    KV-cached log-probs differ from a full forward only by float rounding (~1e-7), and baseline ReFT must be
-    exactly on-policy (rho = 1) rather than carry that noise into every correction; that noise is logged as
-    `sampler_lp_abs_diff` / `sampler_lp_bias` (larger in bf16). `masters` (`precision.MasterWeights`; None: the
-    optimiser holds the model's own parameters) receives the gradients, is clipped and stepped, then written back.
+    No update without signal: with beta = 0 every term of a row's loss is multiplied by its advantage, so a
+    row with advantage 0 (every row of a group whose rewards are all equal) adds exactly 0 to the loss and
+    the gradient. Those rows get no forward and backward pass; the loss still divides by the whole batch's
+    sequence and token counts, so it equals computing everything (up to float summation order). A batch
+    without any such row changes no weight (`update_skipped`): `optimizer.step()` skips parameters whose
+    gradient is None, and runs only to keep the LR schedule on the step count. Rows sampled off-policy still
+    need lp_old for the KL and weight statistics (the adaptive skip controller reads `kl_mu_pi`, which must
+    stay measurable exactly when a far behavior model earns no reward), so one completion of each silent group
+    gets a no-grad forward, about a third of the cost of its forward + backward.
+
+    lp_old (full model, no grad, before the update) of a trained row equals the detached lp of the first pass
+    (nothing has been updated yet), which saves a forward unless there are several passes. With the empty
+    skip set the behavior policy *is* pi_old, so lp_b is taken to be lp_old: the sampler's KV-cached log-probs
+    differ from a full forward only by float rounding (~1e-7), and baseline ReFT must be exactly on-policy
+    (rho = 1) rather than carry that noise into every correction; that noise is logged, over the trained rows,
+    as `sampler_lp_abs_diff` / `sampler_lp_bias` (larger in bf16).
+
+    `masters` (`precision.MasterWeights`; None: the optimiser holds the model's own parameters) receives the
+    gradients, is clipped and stepped, then written back into the model.
     """
     masters = MasterWeights(model, "no") if masters is None else masters
     obj, mb = recipe.objective, recipe.train.micro_batch_size
@@ -164,52 +184,67 @@ def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recip
                                   mask_high=obj.mask_high, retrace_lambda=obj.retrace_lambda)
     loss_cfg = LossConfig(loss_type=obj.loss_type, epsilon=obj.epsilon, epsilon_high=obj.epsilon_high,
                           beta=obj.beta, max_completion_length=recipe.rollout.max_completion_length)
-    slices = [slice(i, min(i + mb, n_seq)) for i in range(0, n_seq, mb)]
     advantages = batch.advantages.to(device)
+    off_policy = bool(r.skipped_layers)
+    trained = advantages != 0 if skip_zero_advantage and obj.beta == 0 else torch.ones_like(advantages, dtype=torch.bool)
+    train_rows = trained.nonzero().squeeze(1)
+    # Off-policy, lp_old is also measured on the first completion of each silent group: enough rows for the KL
+    # and weight statistics when few groups carry signal, at a fraction of the cost of measuring them all.
+    silent = ~trained & (torch.arange(n_seq, device=device) % recipe.rollout.num_generations == 0)
+    measure_rows = silent.nonzero().squeeze(1) if off_policy else train_rows[:0]
 
-    def log_probs(m, s: slice) -> torch.Tensor:
-        return completion_log_probs(m, input_ids[s], attention[s], width, params, obj.logprob_chunk_size)
+    def micro_batches(rows: torch.Tensor) -> list[torch.Tensor]:
+        return list(rows.split(mb)) if len(rows) else []
 
-    lp_old = None
-    if obj.num_iterations > 1:
-        with torch.no_grad():
-            lp_old = torch.cat([log_probs(model, s) for s in slices])
-    lp_ref = None
-    if ref_model is not None:
-        with torch.no_grad():
-            lp_ref = torch.cat([log_probs(ref_model, s) for s in slices])
+    def log_probs(m, rows: torch.Tensor) -> torch.Tensor:
+        return completion_log_probs(m, input_ids[rows], attention[rows], width, params, obj.logprob_chunk_size)
+
+    lp_old = torch.zeros(mask.shape, dtype=torch.float32, device=device)  # filled for every row that is used
+    with torch.no_grad():
+        for rows in micro_batches(measure_rows if obj.num_iterations == 1 else torch.cat([measure_rows, train_rows])):
+            lp_old[rows] = log_probs(model, rows)
+        lp_ref = None
+        if ref_model is not None:
+            lp_ref = torch.zeros_like(lp_old)
+            for rows in micro_batches(train_rows):
+                lp_ref[rows] = log_probs(ref_model, rows)
 
     model.train()
-    stats: dict[str, float] = {}
+    loss_sum, clip_sum, kl_sum, grad_norm = 0.0, 0.0, 0.0, 0.0
     for iteration in range(obj.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, clip_sum, kl_sum, weights, olds, behaviors = 0.0, 0.0, 0.0, [], [], []
-        for s in slices:
-            lp = log_probs(model, s)
-            old = lp.detach() if lp_old is None else lp_old[s]
-            behavior = r.behavior_log_probs[s] if r.skipped_layers else old
-            w = correction_weights(old, behavior, mask[s], correction)
-            loss, info = policy_loss(lp, old, advantages[s], w, mask[s], loss_cfg,
-                                     lp_ref=None if lp_ref is None else lp_ref[s],
+        loss_sum, clip_sum, kl_sum = 0.0, 0.0, 0.0
+        for rows in micro_batches(train_rows):
+            lp = log_probs(model, rows)
+            if obj.num_iterations == 1:
+                lp_old[rows] = lp.detach()
+            old = lp_old[rows]
+            w = correction_weights(old, r.behavior_log_probs[rows] if off_policy else old, mask[rows], correction)
+            loss, info = policy_loss(lp, old, advantages[rows], w, mask[rows], loss_cfg,
+                                     lp_ref=None if lp_ref is None else lp_ref[rows],
                                      num_sequences=n_seq, num_tokens=n_tok)
             masters.backward(loss)
             loss_sum += loss.item()
-            clip_sum += info["clip_frac"] * int(mask[s].sum())
-            kl_sum += info.get("kl", 0.0) * int(mask[s].sum())
-            weights.append(w)
-            olds.append(old)
-            behaviors.append(behavior)
-        grad_norm = masters.clip_grad_norm_(recipe.optimizer.max_grad_norm)  # on the (fp32) masters
+            clip_sum += info["clip_frac"] * int(mask[rows].sum())
+            kl_sum += info.get("kl", 0.0) * int(mask[rows].sum())
+        if len(train_rows):
+            grad_norm = masters.clip_grad_norm_(recipe.optimizer.max_grad_norm)  # on the (fp32) masters
         masters.step(optimizer)  # then masters -> model
         scheduler.step()
-        if iteration == 0:  # correction statistics describe the batch as sampled
-            stats = correction_stats(torch.cat(weights), torch.cat(olds), torch.cat(behaviors), mask)
-            if not r.skipped_layers:  # measured before lp_b := lp_old hid it
-                stats.update(sampler_mismatch(r.behavior_log_probs, torch.cat(olds), mask))
-        stats.update(loss=loss_sum, grad_norm=float(grad_norm), clip_frac=clip_sum / max(1, n_tok))
-        if ref_model is not None:
-            stats["kl_ref"] = kl_sum / max(1, n_tok)  # mean k3 KL to the frozen reference
     model.eval()
+
+    # Statistics describe the batch as sampled: on-policy every row has weight 1 and KL 0 exactly; off-policy
+    # they cover the rows whose lp_old was computed.
+    lp_b = r.behavior_log_probs if off_policy else lp_old
+    known = mask & (trained | silent)[:, None] if off_policy else mask
+    stats = correction_stats(correction_weights(lp_old, lp_b, known, correction), lp_old, lp_b, known)
+    stats.update(loss=loss_sum, grad_norm=grad_norm, clip_frac=clip_sum / max(1, n_tok),
+                 trained_sequences=len(train_rows), update_skipped=not len(train_rows))
+    measured = mask & trained[:, None]  # on-policy, lp_old exists for the trained rows
+    if not off_policy and bool(measured.any()):
+        stats.update(sampler_mismatch(r.behavior_log_probs, lp_old, measured))  # what lp_b := lp_old hid
+    if ref_model is not None:
+        stats["kl_ref"] = kl_sum / max(1, n_tok)  # mean k3 KL to the frozen reference
     return stats
 
 
@@ -240,6 +275,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
     device = next(model.parameters()).device
 
     sampler = SkipSampler.from_config(recipe.skipping, len(decoder_layers(model)), recipe.run.seed)
+    costs_path = run.reports_dir / LAYER_COSTS
+    if resume and sampler.needs_costs and costs_path.is_file():  # measured by this run before it stopped
+        sampler.set_costs(LayerCosts.read(costs_path, sampler.num_layers))
+    health = TrainingHealth(recipe)
     reward_fn = reward_fn or math_reward_fn(recipe)
     opt = recipe.optimizer
     optimizer = torch.optim.AdamW(masters.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
@@ -247,8 +286,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, total_updates, opt.schedule))
     params = SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p)
     eos = eos_token_ids(tokenizer, model.generation_config)
+    group_size = recipe.rollout.num_generations
 
-    start = 0
+    start, elapsed_before = 0, 0.0
     if checkpoint is not None:
         state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -259,6 +299,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
         run.truncate_metrics(after_step=start)
+        elapsed_before = max((row.get("time_elapsed", 0.0) for row in run.read_metrics()), default=0.0)
 
     def save(step: int) -> None:
         def write(folder: Path) -> None:
@@ -270,24 +311,31 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
 
         run.save_checkpoint(step, write, keep_last=recipe.train.keep_last)
 
+    clock = time.perf_counter() - elapsed_before
     for step in range(start + 1, recipe.train.steps + 1):
         examples = stream.next(recipe.train.prompts_per_step)
         ratio, skip = sampler.sample()
         t0 = time.perf_counter()
         rollout = generate(
             model, encode_prompts(tokenizer, [e.question for e in examples], data),
-            num_generations=recipe.rollout.num_generations, max_new_tokens=recipe.rollout.max_completion_length,
+            num_generations=group_size, max_new_tokens=recipe.rollout.max_completion_length,
             params=params, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, skip=skip,
             seed=recipe.run.seed * 1_000_003 + step,
         )
         t1 = time.perf_counter()
-        batch = score(rollout, examples, tokenizer, reward_fn, recipe.rollout.num_generations,
-                      recipe.objective.scale_rewards)
+        if sampler.needs_costs:  # once per run: per-layer skip costs, measured on this full-model batch
+            rows = list(range(0, len(examples) * group_size, group_size))[:PROBE_ROWS]
+            costs = probe_layer_costs(model, rollout, rows, sampler.eligible, params)
+            costs.write(costs_path)
+            sampler.set_costs(costs)
         t2 = time.perf_counter()
-        stats = optimise(model, ref_model, optimizer, scheduler, batch, recipe, params, masters)
+        batch = score(rollout, examples, tokenizer, reward_fn, group_size, recipe.objective.scale_rewards)
         t3 = time.perf_counter()
+        stats = optimise(model, ref_model, optimizer, scheduler, batch, recipe, params, masters)
+        control = sampler.observe(skip, stats["kl_mu_pi"])
+        t4 = time.perf_counter()
 
-        groups = batch.rewards.view(-1, recipe.rollout.num_generations)
+        groups = batch.rewards.view(-1, group_size)
         row: dict[str, Any] = {
             "step": step,
             "reward_mean": batch.rewards.mean().item(),
@@ -298,10 +346,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
             "skip_ratio": ratio,
             "skipped_layers": list(skip),
             **stats,
+            **control,
             "lr": scheduler.get_last_lr()[0],
             "time_generate": t1 - t0,
-            "time_score": t2 - t1,
-            "time_train": t3 - t2,
+            "time_probe": t2 - t1,
+            "time_score": t3 - t2,
+            "time_train": t4 - t3,
             "rollout_tokens_per_sec": rollout.tokens_per_second,
             "peak_memory_mb": peak_memory_mb(device),
         }
@@ -310,9 +360,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
                                        reward_cfg=recipe.reward, seed=recipe.run.seed)
             row["eval_pass@1"] = report.metrics["pass@1"]
             run.write_report(f"eval-step-{step}", report.to_dict(model=str(source), data=data.eval))
+        if warning := health.check(row):
+            row["warning"] = warning
+        row["time_elapsed"] = time.perf_counter() - clock
         run.log_metrics(row)
         if recipe.train.log_rollouts_every and step % recipe.train.log_rollouts_every == 0:
-            save_rollouts(run, step, batch, examples, recipe.rollout.num_generations)
+            save_rollouts(run, step, batch, examples, group_size)
         if step % recipe.train.save_every == 0 or step == recipe.train.steps:
             save(step)
         if on_step:

@@ -78,3 +78,34 @@ def test_bench_rejects_checkpointing_for_rollouts_and_fp16_on_cpu(tmp_path):
                           (["--set", "model.mixed_precision=fp16", "--set", "model.device=cpu"], "fp16 needs a CUDA")]:
         result = CliRunner().invoke(app, ["bench", "--set", f"model.name_or_path={tmp_path / 'absent'}", *args])
         assert result.exit_code != 0 and message in str(result.exception or result.output)
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "contiguous", "calibrated", "adaptive"])
+def test_bench_draws_skip_sets_the_way_the_recipe_does(tmp_path, strategy):
+    model = write_tiny_model(tmp_path / "model", num_layers=8)
+    data = write_examples(tmp_path / "train.jsonl", 8)
+    costs = {1: 0.9, 2: 0.1, 3: 0.8, 4: 0.2, 5: 0.7, 6: 0.3}
+    profile = tmp_path / "costs.json"
+    profile.write_text(json.dumps({"num_layers": 8, "layers": [{"layer": i, "kl": c} for i, c in costs.items()]}))
+    by_strategy = {"fixed": ["skipping.layers=[3, 5]"], "contiguous": [], "calibrated": [f"skipping.calibration_file={profile}"],
+                   "adaptive": []}  # adaptive without a profile: bench measures the costs itself
+    report = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench", "--skip-ratios", "0.25,0.5", "--repeats", "1", "--report", str(report),
+        "--set", f"model.name_or_path={model}", "--set", f"data.train={data}", "--set", "data.chat_template=false",
+        "--set", "data.system_prompt=null", "--set", "model.device=cpu", "--set", "rollout.max_completion_length=4",
+        "--set", "train.prompts_per_step=2", "--set", f"skipping.strategy={strategy}",
+        *[arg for item in by_strategy[strategy] for arg in ("--set", item)],
+    ])
+    assert result.exit_code == 0, result.output
+    out = json.loads(report.read_text())
+    sets = [r["skipped_layers"] for r in out["results"][1:]]
+    assert out["settings"]["strategy"] == strategy
+    if strategy == "fixed":
+        assert sets == [[3, 5]]  # the fixed set is the one nested mode
+    elif strategy == "contiguous":
+        assert [len(s) for s in sets] == [2, 4] and all(s == list(range(s[0], s[0] + len(s))) for s in sets)
+    elif strategy == "calibrated":
+        assert set(sets[0]) <= {2, 4, 6} and len(sets[1]) == 4  # k = 2 from the cheapest 3
+    else:
+        assert [len(s) for s in sets] == [2, 4]  # the cheapest layers by the costs bench measured

@@ -28,7 +28,7 @@ def assert_one_line_error(code, err, *fragments):
 def test_help_lists_every_command(capsys):
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0
-    for command in ("prepare-data", "calibrate-skips", "train", "evaluate", "bench"):
+    for command in ("prepare-data", "calibrate-skips", "train", "evaluate", "bench", "plot"):
         assert command in out
 
 

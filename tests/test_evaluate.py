@@ -54,3 +54,19 @@ def test_evaluate_writes_report_and_examples(tmp_path):
     assert len(rows) == 4 and all(len(r["completions"]) == 3 and len(r["correct"]) == 3 for r in rows)
     # The tiny model emits word tokens, never the integer gold answers: every metric is exactly 0.
     assert report["metrics"] == {"pass@1": 0.0, "pass@k": 0.0, "maj@k": 0.0}
+
+
+def test_evaluate_compare_reports_both_models_on_the_same_problems(tmp_path, capsys):
+    from .test_cli import run_cli
+
+    first, second = write_tiny_model(tmp_path / "a"), write_tiny_model(tmp_path / "b", seed=1)
+    data = write_examples(tmp_path / "eval.jsonl", 5)
+    report = tmp_path / "eval.json"
+    code, _, err = run_cli(["evaluate", "--model", str(first), "--compare", str(second), "--data", str(data),
+                              "--limit", "3", "--max-new-tokens", "3", "--report", str(report),
+                              "--set", "data.chat_template=false", "--set", "data.system_prompt=null",
+                              "--set", "model.device=cpu"], capsys)
+    assert code in (0, None), err
+    ours, theirs = json.loads(report.read_text()), json.loads((tmp_path / "eval.compare.json").read_text())
+    assert (ours["model"], theirs["model"]) == (str(first), str(second))
+    assert ours["n"] == theirs["n"] == 3 and ours["settings"] == theirs["settings"]

@@ -80,27 +80,21 @@ def test_bad_overrides_are_one_line_errors():
         ("skipping.ratio=1.0", "ratio must be in"),
         ("skipping.ratio_range=[0.4, 0.1]", "ratio_range must satisfy"),
         ("skipping.strategy=fixed", "needs `layers`"),
-        ("skipping.strategy=calibrated", "needs `calibration_file`"),
+        ("skipping.strategy=adaptive & skipping.ratio=0.25", "bound it with `ratio_range`"),
+        ("skipping.target_kl=0", "greater than 0"),
         ("objective.correction=tis", "expected 'none', 'is'"),
         ("rollout.top_p=0", "greater than 0"),
     ],
 )
 def test_cross_field_checks(override, message):
     with pytest.raises(UserError, match=message):
-        load_recipe(None, [override])
+        load_recipe(None, override.split(" & "))
 
 
 def test_ratio_and_ratio_range_are_exclusive():
     assert load_recipe(None, ["skipping.ratio_range=[0.1, 0.4]"]).skipping.ratio_range == (0.1, 0.4)
     with pytest.raises(UserError, match="either ratio or ratio_range"):
         load_recipe(None, ["skipping.ratio=0.2", "skipping.ratio_range=[0.1, 0.4]"])
-
-
-def test_skipping_enabled_reflects_every_form():
-    assert not load_recipe(None).skipping.enabled
-    assert load_recipe(None, ["skipping.ratio=0.25"]).skipping.enabled
-    assert load_recipe(None, ["skipping.ratio_range=[0.0, 0.3]"]).skipping.enabled
-    assert load_recipe(None, ["skipping.strategy=fixed", "skipping.layers=[3]"]).skipping.enabled
 
 
 def test_resolved_yaml_is_complete():

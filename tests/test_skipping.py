@@ -25,6 +25,7 @@ from transformers import (
 from nested_reft.errors import UserError
 from nested_reft.rollout import generate, left_pad
 from nested_reft.sampling import SamplingParams
+from nested_reft.skip_control import LayerCosts
 from nested_reft.skipping import SkipSampler, decoder_layers, skip_layers
 
 ATOL = 1e-5
@@ -305,22 +306,62 @@ def test_ratio_override_for_adaptive_schemes():
         sampler.sample(ratio=1.0)
 
 
-def test_calibrated_samples_proportionally_to_weights(tmp_path):
-    path = tmp_path / "calibration.json"
-    path.write_text(json.dumps({"num_layers": 10, "layer_weights": {"2": 1.0, "5": 9.0, "7": 0.0, "0": 50.0}}))
-    sampler = SkipSampler(10, strategy="calibrated", ratio=0.1, calibration_file=path, seed=0)
-    picks = [skipped for _, skipped in draws(sampler, 2000)]
-    assert set(picks) == {(2,), (5,)}  # layer 0 is kept (keep_first), zero-weight and absent layers are never drawn
-    assert 0.87 < picks.count((5,)) / len(picks) < 0.93
-    two = SkipSampler(10, strategy="calibrated", ratio=0.4, calibration_file=path, seed=0)
-    assert {skipped for _, skipped in draws(two, 20)} == {(2, 5)}  # k clipped to the layers with weight
+def write_profile(path, costs: dict[int, float], num_layers: int = 10):
+    path.write_text(json.dumps({"num_layers": num_layers, "layers": [{"layer": i, "kl": c} for i, c in costs.items()]}))
+    return path
+
+
+# A profile shaped like SmolLM2's: a few cheap layers, most 3-10x dearer, one that breaks the model.
+PROFILE = {1: 3.3, 2: 0.6, 3: 0.15, 4: 0.11, 5: 0.14, 6: 0.5, 7: 0.9, 8: 0.7, 9: 0.16, 10: 1.6, 11: 0.4, 12: 0.45,
+           13: 0.8, 14: 0.35, 15: 0.5, 16: 0.6, 17: 0.3, 18: 1.1}
+
+
+def test_calibrated_draws_concentrate_on_the_cheapest_layers(tmp_path):
+    path = write_profile(tmp_path / "calibration.json", PROFILE, num_layers=20)
+    sampler = SkipSampler(20, strategy="calibrated", ratio=0.15, calibration_file=path, seed=0)  # k = 3
+    cheapest = sum(sorted(PROFILE.values())[:3])
+    picks = [skipped for _, skipped in draws(sampler, 500)]
+    assert all(len(p) == 3 and set(p) <= {4, 5, 3, 9, 17} for p in picks)  # the cheapest ceil(1.5 k) = 5 layers
+    assert len(set(picks)) > 5  # the set is still redrawn per batch (dynamic skipping)
+    mean_cost = sum(sum(PROFILE[i] for i in p) for p in picks) / len(picks)
+    assert cheapest <= mean_cost <= 1.35 * cheapest
+
+
+def test_calibrated_never_draws_layers_the_profile_leaves_out(tmp_path):
+    path = write_profile(tmp_path / "calibration.json", {2: 1.0, 5: 0.1, 0: 0.01}, num_layers=10)
+    sampler = SkipSampler(10, strategy="calibrated", ratio=0.4, calibration_file=path, seed=0)
+    assert {skipped for _, skipped in draws(sampler, 20)} == {(2, 5)}  # layer 0 is kept (keep_first), k clipped to 2
+
+
+def test_cost_aware_strategies_wait_for_costs_then_use_them(tmp_path):
+    for strategy in ("calibrated", "adaptive"):
+        sampler = SkipSampler(20, strategy=strategy, ratio=0.15 if strategy == "calibrated" else 0.0, seed=0)
+        assert sampler.needs_costs and sampler.sample() == (0.0, ())  # the batch the run measures costs on
+        sampler.set_costs(LayerCosts.read(write_profile(tmp_path / "p.json", PROFILE, 20), 20))
+        assert not sampler.needs_costs and len(sampler.sample()[1]) > 0
+
+
+def test_adaptive_sampler_skips_the_cheapest_and_follows_its_controller(tmp_path):
+    path = write_profile(tmp_path / "p.json", PROFILE, num_layers=20)
+    sampler = SkipSampler(20, strategy="adaptive", target_kl=0.5, calibration_file=path, seed=0)
+    ratio, skipped = sampler.sample()
+    assert skipped == (3, 4, 5) and ratio == 3 / 20  # 0.11 + 0.14 + 0.15 <= 0.5 < + 0.16
+    decision = sampler.observe(skipped, kl_mu_pi=1.2)  # measured far above the prediction: back off
+    assert decision["skip_decision"] == "lower" and decision["target_kl"] == 0.5
+    assert len(sampler.sample()[1]) == decision["next_num_skipped"] < 3
+    state = json.loads(json.dumps(sampler.state_dict()))
+    resumed = SkipSampler(20, strategy="adaptive", target_kl=0.5, calibration_file=path, seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.sample() == sampler.sample()
+    bounded = SkipSampler(20, strategy="adaptive", target_kl=0.5, ratio_range=(0.0, 0.1), calibration_file=path)
+    assert len(bounded.sample()[1]) == 2  # ratio_range caps the count at round(0.1 * 20)
 
 
 @pytest.mark.parametrize(
     "content",
-    [None, "not json", json.dumps({"weights": {}}), json.dumps({"layer_weights": {"3": -1}}),
-     json.dumps({"layer_weights": {"12": 1}}), json.dumps({"layer_weights": {"x": 1}}),
-     json.dumps({"num_layers": 8, "layer_weights": {"3": 1}})],
+    [None, "not json", json.dumps({"weights": {}}), json.dumps({"layers": [{"layer": 3, "kl": -1}]}),
+     json.dumps({"layers": [{"layer": 12, "kl": 1}]}), json.dumps({"layers": [{"layer": "x", "kl": 1}]}),
+     json.dumps({"num_layers": 8, "layers": [{"layer": 3, "kl": 1}]})],
     ids=["missing", "invalid", "no-key", "negative", "out-of-range", "bad-index", "wrong-num-layers"],
 )
 def test_calibration_file_errors_name_the_file(tmp_path, content):
@@ -335,7 +376,7 @@ def test_calibration_file_errors_name_the_file(tmp_path, content):
     "kwargs",
     [dict(strategy="middle"), dict(ratio=1.0), dict(ratio=[]), dict(ratio=-0.1),
      dict(ratio=0.2, ratio_range=(0.1, 0.3)), dict(ratio_range=(0.3, 0.1)), dict(keep_first=6, keep_last=6),
-     dict(strategy="calibrated", ratio=0.2)],
+     dict(strategy="adaptive", target_kl=0.0)],
 )
 def test_invalid_sampler_settings(kwargs):
     with pytest.raises(UserError):
@@ -344,6 +385,6 @@ def test_invalid_sampler_settings(kwargs):
 
 def test_from_config_reads_attributes():
     cfg = SimpleNamespace(strategy="contiguous", ratio=0.3, ratio_range=None, layers=None, keep_first=2,
-                          keep_last=1, calibration_file=None)
+                          keep_last=1, calibration_file=None, target_kl=0.3)
     sampler = SkipSampler.from_config(cfg, num_layers=10, seed=4)
     assert draws(sampler, 20) == draws(SkipSampler(10, strategy="contiguous", ratio=0.3, keep_first=2, seed=4), 20)

@@ -1,6 +1,7 @@
 """The training loop on tiny random models: it learns, with and without skipping, and resumes bit for bit."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -58,6 +59,7 @@ def target_id(model_dir):
                      id="baseline-bf16"),
         pytest.param(["skipping.ratio=0.25", "objective.correction=token_tis", "model.mixed_precision=bf16",
                       "train.gradient_checkpointing=true"], id="skip-token_tis-bf16-checkpointing"),
+        pytest.param(["skipping.strategy=adaptive", "skipping.target_kl=0.5"], id="adaptive-token_tis"),
     ],
 )
 def test_policy_learns_a_rewarded_first_token(tiny_run_inputs, tmp_path, overrides):
@@ -78,14 +80,18 @@ def test_policy_learns_a_rewarded_first_token(tiny_run_inputs, tmp_path, overrid
         assert all(len(r["skipped_layers"]) == 1 for r in rows)  # round(0.25 * 4) = 1 of the 2 eligible layers
         assert all(r["kl_mu_pi"] != 0.0 for r in rows)  # the behavior model really differs from the policy
         assert all("sampler_lp_abs_diff" not in r for r in rows)  # only measured when nothing is skipped
-    else:
+    elif "skipping.ratio=0.0" in overrides:
         assert all(r["kl_mu_pi"] == 0.0 and r["weight_min"] == r["weight_max"] == 1.0 for r in rows)  # on-policy
-        # What the substitution lp_b := lp_old hides: rounding in float32 (measured ~1e-6), more in bf16.
-        mismatch = [r["sampler_lp_abs_diff"] for r in rows]
+        # What the substitution lp_b := lp_old hides: rounding in float32 (measured ~1e-6), more in bf16. It is
+        # measured on the trained rows, so a step where no group had reward signal has none.
+        mismatch = [r["sampler_lp_abs_diff"] for r in rows if "sampler_lp_abs_diff" in r]
+        assert len(mismatch) >= len(rows) // 2
         if "model.mixed_precision=bf16" in overrides:
             assert all(0 < m < 0.1 for m in mismatch)
         else:
             assert all(m < 1e-4 for m in mismatch)
+    else:
+        assert any(r["skipped_layers"] for r in rows)  # adaptive: it did skip while learning
 
 
 def test_metrics_rows_hold_every_documented_field(tiny_run_inputs, tmp_path):
@@ -220,3 +226,133 @@ def test_lr_schedule_warmup_then_constant_or_cosine():
     assert [constant(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
     cosine = lr_lambda(0, 10, "cosine")
     assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+
+
+# -- no update without signal ---------------------------------------------------------------------------------------
+
+
+class GradRecorder:
+    """Stands in for the optimiser: records the gradients `step` would apply, changes nothing."""
+
+    def __init__(self, params):
+        self.params, self.grads, self.steps = list(params), None, 0
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.steps += 1
+        self.grads = [None if p.grad is None else p.grad.clone() for p in self.params]
+
+
+class NoSchedule:
+    def step(self):
+        pass
+
+
+def scored_batch(model, rewards, skip=()):
+    """A real rollout of a tiny model (4 prompts x 4 completions) with the given rewards and group advantages."""
+    from nested_reft.objective import group_advantages
+    from nested_reft.rollout import generate
+    from nested_reft.sampling import SamplingParams
+    from nested_reft.trainer import ScoredRollout
+
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
+    rollout = generate(model, prompts, num_generations=4, max_new_tokens=6, params=SamplingParams(1.0),
+                       eos_token_ids={1}, pad_token_id=0, skip=skip, seed=0)
+    rewards = torch.tensor(rewards, dtype=torch.float32)
+    return ScoredRollout(rollout, rewards, [r > 0 for r in rewards.tolist()], [""] * 16,
+                         group_advantages(rewards, 4, "group"))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("skip", [(), (1,)], ids=["baseline", "nested"])
+def test_skipping_zero_advantage_rows_gives_the_same_loss_and_gradients(tiny_run_inputs, loss_type, skip):
+    from nested_reft.models import load_model
+    from nested_reft.sampling import SamplingParams
+    from nested_reft.trainer import optimise
+
+    model_dir, data = tiny_run_inputs
+    model, _ = load_model(str(model_dir), device="cpu")
+    recipe = tiny_recipe(model_dir, data, "unused", f"objective.loss_type={loss_type}", "train.micro_batch_size=3")
+    # Groups 0 and 2 carry no signal (equal rewards); groups 1 and 3 do.
+    batch = scored_batch(model, [0, 0, 0, 0, 1, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 1], skip=skip)
+    results = {}
+    for skip_zero in (False, True):
+        recorder = GradRecorder(model.parameters())
+        stats = optimise(model, None, recorder, NoSchedule(), batch, recipe, SamplingParams(1.0),
+                         skip_zero_advantage=skip_zero)
+        results[skip_zero] = (stats, recorder.grads)
+    (full, full_grads), (skipped, skipped_grads) = results[False], results[True]
+    assert full["trained_sequences"] == 16 and skipped["trained_sequences"] == 8
+    assert skipped["loss"] == pytest.approx(full["loss"], rel=1e-6, abs=1e-7)  # on-policy it is ~0 by construction
+    assert skipped["clip_frac"] == pytest.approx(full["clip_frac"], rel=1e-6, abs=1e-9)
+    if skip:  # off-policy, KL and weights are still measured: on the trained rows and one row per silent group
+        assert skipped["kl_mu_pi"] != 0.0 and 0 < skipped["ess"] <= 1
+    assert any(g is not None and g.abs().sum() > 0 for g in full_grads)
+    for a, b in zip(full_grads, skipped_grads):
+        assert (a is None) == (b is None)
+        if a is not None:  # the same sum, accumulated over other micro-batches: equal up to float rounding
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_without_signal_changes_no_weight(tiny_run_inputs):
+    from nested_reft.models import load_model
+    from nested_reft.sampling import SamplingParams
+    from nested_reft.trainer import optimise
+
+    model_dir, data = tiny_run_inputs
+    model, _ = load_model(str(model_dir), device="cpu")
+    recipe = tiny_recipe(model_dir, data, "unused")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.5)  # would move any weight it saw
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    batch = scored_batch(model, [1, 1, 1, 1] + [0] * 12, skip=(1,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "scheduler.step() before optimizer.step()" warning either
+        stats = optimise(model, None, optimizer, scheduler, batch, recipe, SamplingParams(1.0))
+    assert stats["update_skipped"] and stats["trained_sequences"] == 0 and stats["grad_norm"] == 0.0
+    assert stats["kl_mu_pi"] != 0.0  # measured all the same, for the skip controller
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- adaptive skipping in the loop ----------------------------------------------------------------------------------
+
+
+def test_adaptive_run_probes_costs_once_and_logs_its_decisions(tiny_run_inputs, tmp_path):
+    model_dir, data = tiny_run_inputs
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=4", "skipping.strategy=adaptive",
+                         "skipping.target_kl=5.0")
+    run = train(recipe, reward_fn=starts_with_target(target_id(model_dir)))
+    rows = run.read_metrics()
+    assert rows[0]["skipped_layers"] == [] and rows[0]["time_probe"] > 0  # step 1 measures the costs
+    assert all(r["time_probe"] < 0.01 for r in rows[1:])  # and only there
+    costs = json.loads((run.reports_dir / "layer_costs.json").read_text())
+    assert [e["layer"] for e in costs["layers"]] == [1, 2]  # the eligible layers of the 4-layer model
+    assert all({"target_kl", "skip_decision", "next_num_skipped", "kl_predicted_next"} <= set(r) for r in rows)
+    assert [len(r["skipped_layers"]) for r in rows[1:]] == [r["next_num_skipped"] for r in rows[:-1]]
+    assert len(rows[-1]["skipped_layers"]) > 0  # a generous target lets it skip
+
+
+def test_resume_is_bit_identical_with_adaptive_skipping(tiny_run_inputs, tmp_path):
+    model_dir, data = tiny_run_inputs
+    common = ["train.steps=5", "train.save_every=1", "skipping.strategy=adaptive", "skipping.target_kl=0.5"]
+    reward = starts_with_target(target_id(model_dir))
+    full = train(tiny_recipe(model_dir, data, tmp_path / "full", *common), reward_fn=reward)
+
+    def interrupt(row):
+        if row["step"] == 3:
+            raise Interrupt
+
+    recipe = tiny_recipe(model_dir, data, tmp_path / "resumed", *common)
+    with pytest.raises(Interrupt):
+        train(recipe, reward_fn=reward, on_step=interrupt)
+    resumed = train(recipe, resume=True, reward_fn=reward)
+    a = load_file(full.latest_checkpoint() / "model.safetensors")
+    b = load_file(resumed.latest_checkpoint() / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "rollout_tokens", "peak"))}
+                          for r in rows]
+    assert strip(full.read_metrics()) == strip(resumed.read_metrics())
+    assert {len(r["skipped_layers"]) for r in full.read_metrics()} != {0}  # the controller did skip

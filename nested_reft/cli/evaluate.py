@@ -27,6 +27,7 @@ def evaluate(
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Default: rollout.max_completion_length."),
     report: Optional[Path] = typer.Option(None, help="JSON report path. Default: <run>/reports/evaluate.json for a run directory, else reports/evaluate.json."),
     min_accuracy: Optional[float] = typer.Option(None, help="Exit with code 1 when pass@1 is below this."),
+    compare: Optional[str] = typer.Option(None, help="Also evaluate this model (e.g. the starting one) on the same problems with the same settings, side by side; its report goes beside --report as *.compare.json."),
 ) -> None:
     """Measure pass@1 (and pass@k, maj@k) with the full model; write a JSON report and per-example JSONL."""
     cfg = recipe_and_overrides(recipe, overrides)
@@ -35,25 +36,31 @@ def evaluate(
     if report is None:
         is_run = resolve_model_path(model_spec) != model_spec
         report = (Path(model_spec) / "reports" if is_run else Path("reports")) / "evaluate.json"
+    jobs = [(model_spec, report)] + ([(compare, report.with_name(f"{report.stem}.compare.json"))] if compare else [])
+    results = []
     console = Console()
     show_precision(console, cfg)
     with Progress(transient=True, console=console) as progress:
-        task = progress.add_task("evaluate", total=None)
-        result = run_evaluation(
-            model_spec, data_spec, split=split or cfg.data.eval_split,
-            limit=limit if limit is not None else cfg.data.eval_limit, samples=samples, temperature=temperature,
-            max_new_tokens=max_new_tokens or cfg.rollout.max_completion_length, data_cfg=cfg.data,
-            reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device,
-            mixed_precision=cfg.model.mixed_precision, seed=cfg.run.seed,
-            report_path=report, on_batch=lambda n: progress.advance(task, n),
-        )
-    table = Table(title=f"evaluate {result['model']} on {result['data']} (n={result['n']})")
-    for key in (*result["metrics"], "tokens/sec", "seconds"):
-        table.add_column(key, justify="right")
-    table.add_row(*(f"{v:.3f}" for v in result["metrics"].values()), f"{result['tokens_per_sec']:.1f}",
-                  f"{result['seconds']:.1f}")
+        for spec, path in jobs:
+            task = progress.add_task(f"evaluate {spec}", total=None)
+            results.append(run_evaluation(
+                spec, data_spec, split=split or cfg.data.eval_split,
+                limit=limit if limit is not None else cfg.data.eval_limit, samples=samples, temperature=temperature,
+                max_new_tokens=max_new_tokens or cfg.rollout.max_completion_length, data_cfg=cfg.data,
+                reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device,
+                mixed_precision=cfg.model.mixed_precision, seed=cfg.run.seed,
+                report_path=path, on_batch=lambda n, task=task: progress.advance(task, n),
+            ))
+    result = results[0]
+    table = Table(title=f"evaluate on {result['data']} (n={result['n']})")
+    for key in ("model", *result["metrics"], "tokens/sec", "seconds"):
+        table.add_column(key, justify="left" if key == "model" else "right")
+    for (spec, _), r in zip(jobs, results):
+        table.add_row(spec, *(f"{v:.3f}" for v in r["metrics"].values()), f"{r['tokens_per_sec']:.1f}",
+                      f"{r['seconds']:.1f}")
     console.print(table)
-    console.print(f"report: {report}  examples: {report.with_suffix('.examples.jsonl')}")
+    console.print(f"report: {report}  examples: {report.with_suffix('.examples.jsonl')}"
+                  + (f"  compared: {jobs[1][1]}" if compare else ""))
     if min_accuracy is not None and result["metrics"]["pass@1"] < min_accuracy:
         console.print(f"[red]pass@1 {result['metrics']['pass@1']:.3f} is below --min-accuracy {min_accuracy}[/]")
         raise typer.Exit(1)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
@@ -29,11 +30,17 @@ def train(
         task = progress.add_task("train", total=cfg.train.steps, last="loading model and data")
 
         def on_step(row: dict) -> None:
-            line = (f"reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  skip {row['skip_ratio']:.2f}  "
-                    f"ess {row['ess']:.3f}  loss {row['loss']:+.4f}  {row['rollout_tokens_per_sec']:.0f} tok/s")
+            line = (f"reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  skip {len(row['skipped_layers'])} "
+                    f"layers  kl {row['kl_mu_pi']:.2f}")
+            if "target_kl" in row:  # the adaptive controller: target, measurement, decision
+                line += f" (target {row['target_kl']:.2f}: {row['skip_decision']} to {row['next_num_skipped']})"
+            line += f"  ess {row['ess']:.2f}  {row['rollout_tokens_per_sec']:.0f} tok/s"
+            line += "  no signal: update skipped" if row["update_skipped"] else f"  loss {row['loss']:+.4f}"
             if "eval_pass@1" in row:
                 line += f"  eval pass@1 {row['eval_pass@1']:.3f}"
             progress.update(task, completed=row["step"], last=line)
+            if "warning" in row:
+                progress.console.print(f"[yellow]warning[/] (step {row['step']}): {escape(row['warning'])}")
 
         run = run_training(cfg, resume=resume, overwrite=overwrite, on_step=on_step)
     console.print(f"run directory: [bold]{run.root}[/]  (metrics: {run.metrics_path}, "
