@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nested_reft.errors import UserError
 
@@ -39,8 +39,23 @@ class ModelConfig(Section):
         "smollm2-135m-instruct",
         description="Embedded alias, local Hugging Face folder, .gguf file, run directory or hub id.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Storage dtype: the weights as loaded, the optimiser's master weights, and checkpoints.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "no",
+        description="Compute dtype of forwards and backwards (accelerate's names). auto: bf16 where the hardware "
+        "computes it natively (CUDA with bf16, a CPU with AMX-BF16/AVX512-BF16), else no. With dtype float32, "
+        "bf16/fp16 keep float32 master weights; fp16 needs CUDA. Run directories record the resolved value.",
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` (in a recipe or --set) as the boolean false.
+        return "no" if value is False else value
 
 
 class DataConfig(Section):
@@ -140,6 +155,12 @@ class TrainConfig(Section):
     keep_last: int = Field(2, ge=1)
     eval_every: int = Field(0, ge=0, description="Evaluate on data.eval every N steps (0: never during training).")
     log_rollouts_every: int = Field(10, ge=0, description="Save sampled completions every N steps (0: never).")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute decoder layers' activations in backward: activation memory of one layer instead of "
+        "all, for about one more forward per update. auto: on with CUDA, off on CPU. Run directories record the "
+        "resolved value.",
+    )
 
 
 class Recipe(Section):

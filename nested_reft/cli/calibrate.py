@@ -12,7 +12,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from nested_reft.calibrate import calibrate
-from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, parse_ratios
+from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides, show_precision
 from nested_reft.rundir import atomic_write_json
 
 
@@ -27,7 +27,9 @@ def calibrate_skips(
     cfg = recipe_and_overrides(recipe, overrides)
     ratio_values = parse_ratios(ratios, "--ratios")
     out = out or Path(cfg.run.output_dir) / "reports" / "calibration.json"
-    with Progress() as progress:
+    console = Console()
+    show_precision(console, cfg)
+    with Progress(console=console) as progress:
         task = progress.add_task("calibrating", total=None)
         report = calibrate(cfg, ratio_values, prompts,
                            progress=lambda stage: progress.update(task, advance=1, description=stage))
@@ -44,7 +46,6 @@ def calibrate_skips(
                       f"{r['rho_mean']:.3f}", f"{r['rho_p95']:.3f}", f"{r['rho_max']:.1f}", f"{r['ess']:.3f}",
                       f"{r['tokens_per_sec']:.1f}", f"{r['full_tokens_per_sec']:.1f}", f"{r['speedup']:.2f}",
                       f"{r['ideal_speedup']:.2f}")
-    console = Console()
     console.print(table)
     cheapest = sorted(report["layers"], key=lambda e: e["kl"])[:5]
     console.print("cheapest layers to skip (KL): " + ", ".join(f"{e['layer']} ({e['kl']:.4f})" for e in cheapest))

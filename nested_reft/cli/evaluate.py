@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides
+from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
 from nested_reft.evaluate import evaluate as run_evaluation
 from nested_reft.rundir import resolve_model_path
 
@@ -38,14 +38,17 @@ def evaluate(
         report = (Path(model_spec) / "reports" if is_run else Path("reports")) / "evaluate.json"
     jobs = [(model_spec, report)] + ([(compare, report.with_name(f"{report.stem}.compare.json"))] if compare else [])
     results = []
-    with Progress(transient=True) as progress:
+    console = Console()
+    show_precision(console, cfg)
+    with Progress(transient=True, console=console) as progress:
         for spec, path in jobs:
             task = progress.add_task(f"evaluate {spec}", total=None)
             results.append(run_evaluation(
                 spec, data_spec, split=split or cfg.data.eval_split,
                 limit=limit if limit is not None else cfg.data.eval_limit, samples=samples, temperature=temperature,
                 max_new_tokens=max_new_tokens or cfg.rollout.max_completion_length, data_cfg=cfg.data,
-                reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device, seed=cfg.run.seed,
+                reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device,
+                mixed_precision=cfg.model.mixed_precision, seed=cfg.run.seed,
                 report_path=path, on_batch=lambda n, task=task: progress.advance(task, n),
             ))
     result = results[0]
@@ -55,7 +58,6 @@ def evaluate(
     for (spec, _), r in zip(jobs, results):
         table.add_row(spec, *(f"{v:.3f}" for v in r["metrics"].values()), f"{r['tokens_per_sec']:.1f}",
                       f"{r['seconds']:.1f}")
-    console = Console()
     console.print(table)
     console.print(f"report: {report}  examples: {report.with_suffix('.examples.jsonl')}"
                   + (f"  compared: {jobs[1][1]}" if compare else ""))

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides
+from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
 from nested_reft.trainer import train as run_training
 
 
@@ -23,6 +23,7 @@ def train(
     """Train with GRPO on rollouts from the layer-skipped behavior model (baseline ReFT when nothing is skipped)."""
     cfg = recipe_and_overrides(recipe, overrides)
     console = Console()
+    show_precision(console, cfg)
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[last]}")]
     with Progress(*columns, console=console) as progress:
