@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nested_reft.errors import UserError
 
@@ -74,6 +74,12 @@ class RolloutConfig(Section):
         description="With kv_cache static on a CUDA device, replay decoding from CUDA graphs captured per decoder "
         "layer, which every skip set reuses; never used on CPU. 'off' decodes eagerly.",
     )
+
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false (and `on` as true): take them as the words the user wrote."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
 
 class SkippingConfig(Section):

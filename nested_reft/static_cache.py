@@ -36,9 +36,10 @@ class LayerCacheView:
         self.updates = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if key_states.dtype != self.keys.dtype:
+        if key_states.dtype != self.keys.dtype or value_states.dtype != self.values.dtype:
             raise RuntimeError(
-                f"static KV cache: the layer produced {key_states.dtype} keys, the cache holds {self.keys.dtype}"
+                f"static KV cache: the layer produced {key_states.dtype} keys and {value_states.dtype} values, "
+                f"the cache holds {self.keys.dtype} and {self.values.dtype}"
             )
         self.keys.index_copy_(2, self.write_index, key_states)
         self.values.index_copy_(2, self.write_index, value_states)
@@ -51,16 +52,17 @@ class StaticKVCache:
     """Per-layer key/value buffers [batch, kv_heads, length, head_dim], zero-initialised.
 
     Zeros matter: attention reads whole buffers under a mask, and a masked slot's weight is exactly 0, but
-    0 * NaN is NaN, so never-written slots must hold finite values.
+    0 * NaN is NaN, so never-written slots must hold finite values. Keys and values may differ in dtype: under
+    autocast, values leave a bf16 projection while keys are promoted to float32 by the rotary embedding.
     """
 
     def __init__(
         self, num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
+        dtype: torch.dtype, device: torch.device, value_dtype: torch.dtype | None = None,
     ) -> None:
         shape = (batch, kv_heads, length, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=value_dtype or dtype, device=device) for _ in range(num_layers)]
         self.batch, self.length, self.dtype = batch, length, dtype
 
     def view(self, layer: int, width: int, write_index: torch.Tensor, read_length: int | None) -> LayerCacheView:

@@ -135,9 +135,10 @@ class _ProbeCache:
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.keys = key_states
+        self.keys, self.values = key_states, value_states
         return key_states, value_states
 
 
@@ -169,9 +170,10 @@ class StaticEngine:
         self.batch, self.length = batch, length
         self.signature = _signature(model)
         with torch.no_grad():
-            probe_hidden, (probe_cos, _), probe_keys = self._probe(device)
-        _, kv_heads, _, head_dim = probe_keys.shape
-        self.cache = StaticKVCache(len(parts.layers), batch, length, kv_heads, head_dim, probe_keys.dtype, device)
+            probe_hidden, (probe_cos, _), probe = self._probe(device)
+        _, kv_heads, _, head_dim = probe.keys.shape
+        self.cache = StaticKVCache(len(parts.layers), batch, length, kv_heads, head_dim, probe.keys.dtype, device,
+                                   value_dtype=probe.values.dtype)
         self.masks = AttentionMasks(batch, length, set(parts.windows), device)
         # Per-row decode state; views [:width] of these are what units read and write.
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
@@ -302,6 +304,16 @@ class StaticEngine:
         end = device_clock(device)
         return (out_ids[:batch], out_mask[:batch], out_log_probs[:batch]), prefill_end - start, end - prefill_end
 
+    def decode_step(self, width: int, skip: tuple[int, ...], params: SamplingParams) -> None:
+        """One bucketed decode step (embed, kept layers, head) on whatever state the buffers hold, as `run`
+        does it but without recording or advancing: repeated calls rewrite the same cache slot. For profiling;
+        needs a bucketed or graph engine whose head graphs for `params` exist (any earlier `run` made them)."""
+        if not self.bucketed:
+            raise ValueError("decode_step needs a bucketed or graph engine")
+        kept = [index for index in range(len(self.parts.layers)) if index not in set(skip)]
+        self._run_body(width, kept, read_length=self.length, padded=True)
+        self._run_head(width, params)
+
     def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, kept: list[int]) -> None:
         """Run the prompts through the kept layers (eagerly, any mode), filling cache slots [0, P)."""
         batch, width = prompt_ids.shape
@@ -384,38 +396,40 @@ class StaticEngine:
         if probe.keys is None:
             raise RuntimeError(f"decoder layer 0 ignored the `{self.parts.cache_keyword}` argument: this "
                                "transformers version is not supported by kv_cache: static")
-        return hidden, position_embeddings, probe.keys
+        return hidden, position_embeddings, probe
 
 
 # --- one engine per model --------------------------------------------------------------------------------
 
-_ENGINES: weakref.WeakKeyDictionary[nn.Module, StaticEngine] = weakref.WeakKeyDictionary()
+# model -> {graphs?: engine}. Weak keys: an engine dies with its model (it holds submodules, never the model).
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, dict[bool, StaticEngine]] = weakref.WeakKeyDictionary()
 
 
 def engine_for(model: nn.Module, batch: int, length: int, graphs: bool) -> StaticEngine:
-    """The model's cached engine when it fits (batch, length, graphs, same parameter tensors), else a new one.
+    """The model's cached engine (one with graphs, one without) when it fits (batch, length, same parameter
+    tensors and layers), else a new one.
 
-    Capacities only grow (so alternating sizes do not rebuild), except that a graph engine more than twice as
+    Capacities only grow, so alternating sizes do not rebuild, except that a graph engine more than twice as
     long as needed is rebuilt: graphs read the whole length every step.
     """
     length = -(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM
     signature = _signature(model)
-    engine = _ENGINES.get(model)
-    if engine is not None and engine.signature == signature and (engine.graphs is not None) == graphs:
+    engines = _ENGINES.setdefault(model, {})
+    engine = engines.pop(graphs, None)
+    if engine is not None and engine.signature == signature:
         too_long = graphs and engine.length > 2 * length
         if engine.batch >= batch and engine.length >= length and not too_long:
+            engines[graphs] = engine
             return engine
         batch = max(batch, engine.batch)
         length = length if too_long else max(length, engine.length)
-    release_engine(model)
     engine = None  # free the old buffers before allocating new ones
-    engine = StaticEngine(model, batch, length, graphs)
-    _ENGINES[model] = engine
-    return engine
+    engines[graphs] = StaticEngine(model, batch, length, graphs)
+    return engines[graphs]
 
 
 def release_engine(model: nn.Module) -> None:
-    """Free the model's static cache and graphs (they are also freed with the model)."""
+    """Free the model's static caches and graphs (they are also freed with the model)."""
     _ENGINES.pop(model, None)
 
 

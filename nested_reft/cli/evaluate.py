@@ -43,6 +43,7 @@ def evaluate(
             max_new_tokens=max_new_tokens or cfg.rollout.max_completion_length, data_cfg=cfg.data,
             reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device, seed=cfg.run.seed,
             report_path=report, on_batch=lambda n: progress.advance(task, n),
+            kv_cache=cfg.rollout.kv_cache, cuda_graphs=cfg.rollout.cuda_graphs,
         )
     table = Table(title=f"evaluate {result['model']} on {result['data']} (n={result['n']})")
     for key in (*result["metrics"], "tokens/sec", "seconds"):
