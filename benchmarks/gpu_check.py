@@ -14,6 +14,8 @@ fixed-length (min_new_tokens = max_new_tokens). Sections, each timed, each recor
   profile      torch.profiler on one decode step, eager and graph-replayed: top kernels, launch counts
   train        one GRPO step (8 prompts x 8 completions x 1024 completion tokens) with gradient
                checkpointing: time and peak memory
+  compiled     the graph engine with torch.compile'd layer units (experimental; last, as compiling is slow
+               and may fail): tokens/s against plain graphs, compile + capture time, roofline fraction
 
 `--smoke` runs the same code on CPU with a tiny model and toy sizes in seconds (CI runs it).
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -114,6 +115,7 @@ def main() -> None:
     section("roofline", lambda: work.roofline(report["environment"].get("peak_bandwidth_bytes_s")))
     section("profile", work.profile)
     section("train", lambda: train_step(model, sizes, device))
+    section("compiled", lambda: work.compiled(report["environment"].get("peak_bandwidth_bytes_s")))
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.out} ({report['total_seconds']} s)")
@@ -153,10 +155,11 @@ class Work:
         self.ids, self.mask = left_pad(prompts, sizes["generations"], 0, self.device)
         self.full_graph_runs: list[Any] = []  # Rollouts of the graph engine, full model (roofline input)
 
-    def ours(self, kv_cache: str, cuda_graphs: str, skip: tuple[int, ...] = (), seed: int = 0):
+    def ours(self, kv_cache: str, cuda_graphs: str, skip: tuple[int, ...] = (), seed: int = 0,
+             compile_layers: bool = False):
         start = time.perf_counter()
         rollout = generate(self.model, self.prompts, skip=skip, seed=seed, kv_cache=kv_cache,
-                           cuda_graphs=cuda_graphs, **self.common)
+                           cuda_graphs=cuda_graphs, compile_layers=compile_layers, **self.common)
         seconds = _synced(start, self.device)
         assert rollout.tokens_generated == self.ids.shape[0] * self.tokens
         return rollout, rollout.tokens_generated / seconds
@@ -228,8 +231,26 @@ class Work:
                                   "efficiency": speedup / ideal}
         return result
 
-    def roofline(self, peak: float | None) -> dict[str, Any]:
-        runs = self.full_graph_runs or [self.ours("static", "auto")[0]]
+    def compiled(self, peak: float | None) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.ours("static", "auto", compile_layers=True)  # compiles, captures
+        first = time.perf_counter() - start
+        speeds: dict[str, list[float]] = {"graphs": [], "graphs + compile": []}
+        runs = []
+        for repeat in range(self.sizes["repeats"]):
+            speeds["graphs"].append(self.ours("static", "auto", seed=repeat)[1])
+            rollout, speed = self.ours("static", "auto", seed=repeat, compile_layers=True)
+            speeds["graphs + compile"].append(speed)
+            runs.append(rollout)
+        medians = {name: statistics.median(values) for name, values in speeds.items()}
+        engine = engine_for(self.model, self.ids.shape[0], self.ids.shape[1] + self.tokens,
+                            graphs=self.device.type == "cuda", compile_layers=True)
+        return {"first_rollout_seconds": first, "tokens_per_s": medians, "runs": speeds,
+                "compiled_over_graphs": medians["graphs + compile"] / medians["graphs"],
+                "graphs": engine.graph_stats(), "roofline": self.roofline(peak, runs)}
+
+    def roofline(self, peak: float | None, runs: list | None = None) -> dict[str, Any]:
+        runs = runs or self.full_graph_runs or [self.ours("static", "auto")[0]]
         steps = self.tokens - 1  # the first token comes from the prefill
         step_seconds = statistics.median(r.decode_seconds for r in runs) / steps
         model = self.model
@@ -353,12 +374,17 @@ def summarise(report: dict[str, Any]) -> None:
     lines = []
     throughput, nested, roofline = report.get("throughput", {}), report.get("nested", {}), report.get("roofline", {})
     if "ours_over_generate" in throughput:
-        lines.append(f"ours (static, cuda_graphs auto) / model.generate: {throughput['ours_over_generate']:.2f}x  (goal >= 4)")
+        ratio = throughput["ours_over_generate"]
+        lines.append(f"ours (static, cuda_graphs auto) / model.generate: {ratio:.2f}x  (goal >= 4)")
     if "0.25" in nested:
         lines.append(f"nested efficiency at 0.25: {nested['0.25']['efficiency']:.3f}  (goal >= 0.95); "
                      f"at 0.4: {nested['0.4']['efficiency']:.3f}")
     if "hbm_fraction" in roofline:
         lines.append(f"decode HBM roofline fraction: {roofline['hbm_fraction']:.2f}  (goal >= 0.60)")
+    compiled = report.get("compiled", {})
+    if "compiled_over_graphs" in compiled and "hbm_fraction" in compiled["roofline"]:
+        lines.append(f"with compiled layers: {compiled['compiled_over_graphs']:.2f}x plain graphs, HBM fraction "
+                     f"{compiled['roofline']['hbm_fraction']:.2f}, first rollout {compiled['first_rollout_seconds']:.0f} s")
     if "step_seconds" in report.get("train", {}):
         train = report["train"]
         memory = train.get("peak_allocated_mb", train.get("process_peak_rss_mb"))

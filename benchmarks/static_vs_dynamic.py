@@ -3,7 +3,9 @@
 Fixed-length work (min_new_tokens = max_new_tokens), the same prompts and seed for both caches (so the same
 tokens: the script checks it). Runs are interleaved A/B/B/A within each repeat so that machine noise hits both
 alike; each repeat gives a static/dynamic ratio, and the median ratio is printed with the medians of
-tokens/sec. With --skip-ratio > 0 the same is done with that fraction of layers skipped. Usage:
+tokens/sec. Two clocks: wall time, and this process's CPU time, which other processes on a shared machine
+disturb far less (with one thread it is the compute time). With --skip-ratio > 0 the same is done with that
+fraction of layers skipped. Usage:
 
     python benchmarks/static_vs_dynamic.py [--device cpu] [--threads 1] [--repeats 3] [--new-tokens 128]
 """
@@ -57,32 +59,37 @@ def main() -> None:
     )
 
     def run(kv_cache: str, skip: tuple[int, ...], seed: int):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         rollout = generate(model, prompts, skip=skip, seed=seed, kv_cache=kv_cache, cuda_graphs="off", **common)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
-        return rollout, rollout.tokens_generated / (time.perf_counter() - start)
+        tokens = rollout.tokens_generated
+        return rollout, (tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu_start))
 
     load_before = os.getloadavg()[0]
     for skip in skips:  # warm-up (allocator, the static engine's buffers), not timed
         run("static", skip, 0)
         run("dynamic", skip, 0)
-    speeds: dict[tuple, list[float]] = {}
-    ratios: dict[tuple[int, ...], list[float]] = {skip: [] for skip in skips}
+    clocks = ("wall", "cpu")
+    speeds: dict[tuple, list[float]] = {}  # (clock, kv_cache, skip) -> tokens/s of each run
+    ratios: dict[tuple, list[float]] = {}  # (clock, skip) -> static/dynamic of each repeat
     identical = True
     for repeat in range(args.repeats):
         for skip in skips:
             order = ("dynamic", "static", "static", "dynamic")  # ABBA: drifts in load cancel
-            got: dict[str, list[float]] = {"dynamic": [], "static": []}
+            got: dict[tuple, list[float]] = {}
             outputs = {}
             for kv_cache in order:
-                rollout, speed = run(kv_cache, skip, seed=repeat)
-                got[kv_cache].append(speed)
+                rollout, measured = run(kv_cache, skip, seed=repeat)
+                for clock, speed in zip(clocks, measured):
+                    got.setdefault((clock, kv_cache), []).append(speed)
                 outputs[kv_cache] = rollout
             identical &= torch.equal(outputs["static"].completion_ids, outputs["dynamic"].completion_ids)
-            for kv_cache, values in got.items():
-                speeds.setdefault((kv_cache, skip), []).extend(values)
-            ratios[skip].append(statistics.mean(got["static"]) / statistics.mean(got["dynamic"]))
+            for (clock, kv_cache), values in got.items():
+                speeds.setdefault((clock, kv_cache, skip), []).extend(values)
+            for clock in clocks:
+                ratio = statistics.mean(got[(clock, "static")]) / statistics.mean(got[(clock, "dynamic")])
+                ratios.setdefault((clock, skip), []).append(ratio)
 
     batch = len(prompts) * args.generations
     print(f"load average (1 min) before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
@@ -91,12 +98,14 @@ def main() -> None:
     print(f"static and dynamic sampled identical tokens: {identical}")
     for skip in skips:
         label = f"skip {len(skip)}/{num_layers}" if skip else "full model"
-        for kv_cache in ("dynamic", "static"):
-            values = speeds[(kv_cache, skip)]
-            print(f"{label:>14} {kv_cache:>8}: median {statistics.median(values):7.1f} tok/s   "
-                  f"runs {', '.join(f'{v:.1f}' for v in values)}")
-        print(f"{label:>14} static/dynamic: median ratio {statistics.median(ratios[skip]):.3f}   "
-              f"per repeat {', '.join(f'{r:.3f}' for r in ratios[skip])}")
+        for clock in clocks:
+            for kv_cache in ("dynamic", "static"):
+                values = speeds[(clock, kv_cache, skip)]
+                print(f"{label:>14} {clock:>4} {kv_cache:>8}: median {statistics.median(values):7.1f} tok/s   "
+                      f"runs {', '.join(f'{v:.1f}' for v in values)}")
+            values = ratios[(clock, skip)]
+            print(f"{label:>14} {clock:>4} static/dynamic: median ratio {statistics.median(values):.3f}   "
+                  f"per repeat {', '.join(f'{r:.3f}' for r in values)}")
 
 
 if __name__ == "__main__":

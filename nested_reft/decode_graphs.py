@@ -54,15 +54,18 @@ class DecodeGraphs:
         reserved = torch.cuda.memory_reserved(self.device)
         start = time.perf_counter()
         for key, unit in units.items():
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_RUNS):
+            # Under autocast, cast weights must not come from autocast's cache: a graph would keep reading that
+            # cached copy (stale after an optimizer step, and freed when the caller's autocast block ends).
+            with _uncached_autocast():
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_RUNS):
+                        unit()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
                     unit()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                unit()
             self.graphs[key] = graph
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -78,3 +81,9 @@ class DecodeGraphs:
             "capture_seconds": self.capture_seconds,
             "capture_memory_mb": self.capture_memory_bytes / 2**20,
         }
+
+
+def _uncached_autocast():
+    """The caller's CUDA autocast settings with its weight-cast cache off (a no-op context without autocast)."""
+    enabled = torch.is_autocast_enabled("cuda")
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=enabled, cache_enabled=False)

@@ -90,6 +90,7 @@ def generate(
     min_new_tokens: int = 0,
     kv_cache: str = "dynamic",
     cuda_graphs: str = "auto",
+    compile_layers: bool = False,
 ) -> Rollout:
     """Sample `num_generations` completions per prompt with decoder layers `skip` bypassed.
 
@@ -97,12 +98,15 @@ def generate(
     sampled before `min_new_tokens` tokens (for fixed-length benchmarks; the recorded log-probs then describe
     that EOS-free distribution). The same `seed` on the same device gives the same rollout. `kv_cache` is
     "dynamic" or "static"; `cuda_graphs` "auto" replays static decoding from CUDA graphs on a CUDA device
-    (never on CPU), "off" runs it eagerly.
+    (never on CPU), "off" runs it eagerly. `compile_layers` (static only, experimental) runs each decoder layer's
+    decode step through torch.compile: one compilation shared by every layer and skip set.
     """
     _check_arguments(prompts, num_generations, max_new_tokens, min_new_tokens, eos_token_ids)
     if kv_cache not in KV_CACHES or cuda_graphs not in CUDA_GRAPHS:
         raise ValueError(f"kv_cache must be one of {KV_CACHES} and cuda_graphs one of {CUDA_GRAPHS}, "
                          f"got {kv_cache!r} and {cuda_graphs!r}")
+    if compile_layers and kv_cache != "static":
+        raise ValueError("compile_layers needs kv_cache='static'")
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, num_generations, pad_token_id, device)
     generator = torch.Generator(device)
@@ -117,7 +121,7 @@ def generate(
         skip = validate_skip_set(skip, len(decoder_layers(model)))
         with _eval_mode(model):
             engine = engine_for(model, len(prompt_ids), prompt_ids.shape[1] + max_new_tokens,
-                                graphs=cuda_graphs == "auto" and device.type == "cuda")
+                                graphs=cuda_graphs == "auto" and device.type == "cuda", compile_layers=compile_layers)
             decoded, prefill_seconds, decode_seconds = engine.run(
                 prompt_ids, prompt_mask, skip, max_new_tokens, min_new_tokens, params, eos, pad_token_id,
                 uniforms, _status_interval(device),

@@ -99,19 +99,21 @@ def embed_unit(parts: DecoderParts, tokens: torch.Tensor, positions: torch.Tenso
 
 
 def layer_unit(
-    parts: DecoderParts, index: int, hidden: torch.Tensor, position_embeddings, positions: torch.Tensor,
-    mask: torch.Tensor | None, cache,
+    layer: nn.Module, hidden: torch.Tensor, position_embeddings, positions: torch.Tensor,
+    mask: torch.Tensor | None, cache, cache_keyword: str, eager_attention: bool,
 ) -> torch.Tensor:
-    """Decoder layer `index` (original numbering) on hidden [B, Q, H]; `cache.update` stores its keys/values.
+    """One decoder layer (a transformers module) on hidden [B, Q, H]; `cache.update` stores its keys/values.
 
-    `mask` is bool [B, 1, Q, K] (True = attend) or None for plain causal attention over every key.
+    `mask` is bool [B, 1, Q, K] (True = attend) or None for plain causal attention over every key. The layer
+    is an argument, not an index into a list, so that torch.compile traces this once for every layer (their
+    parameters become inputs of one compiled graph) instead of once per layer.
     """
-    if mask is not None and parts.attention == "eager":  # eager attention adds the mask to the scores
+    if mask is not None and eager_attention:  # eager attention adds the mask to the scores
         mask = torch.where(mask, torch.zeros((), dtype=hidden.dtype, device=mask.device),
                            torch.finfo(hidden.dtype).min)
-    out = parts.layers[index](
+    out = layer(
         hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings,
-        use_cache=True, **{parts.cache_keyword: cache},
+        use_cache=True, **{cache_keyword: cache},
     )
     return out[0] if isinstance(out, tuple) else out
 
@@ -161,11 +163,18 @@ class StaticEngine:
     Reused across rollouts whose batch and length fit; `engine_for` builds and caches one per model.
     """
 
-    def __init__(self, model: nn.Module, batch: int, length: int, graphs: bool, bucketed: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, batch: int, length: int, graphs: bool, bucketed: bool = False,
+        compile_layers: bool = False,
+    ) -> None:
         """`graphs`: capture and replay CUDA graphs. `bucketed` (implied by graphs): run the very calls that
-        graphs capture (batch buckets, whole-length masked reads) eagerly, e.g. to test them on CPU."""
+        graphs capture (batch buckets, whole-length masked reads) eagerly, e.g. to test them on CPU.
+        `compile_layers`: decode steps run the layer unit through torch.compile (one compiled graph shared by
+        every layer; batch size symbolic so that the buckets share it too); prefill stays eager."""
         self.parts = parts = decoder_parts(model)
         self.bucketed = bucketed or graphs
+        self.compiled = compile_layers
+        self._layer_unit = torch.compile(layer_unit, dynamic=True) if compile_layers else layer_unit
         self.device = device = next(model.parameters()).device
         self.batch, self.length = batch, length
         self.signature = _signature(model)
@@ -206,7 +215,9 @@ class StaticEngine:
         view = self.cache.view(index, width, self.write_index, read_length)
         hidden = self.hidden[:width]
         position_embeddings = (self.cos[:width], self.sin[:width])
-        hidden.copy_(layer_unit(self.parts, index, hidden, position_embeddings, self.positions[:width], mask, view))
+        out = self._layer_unit(self.parts.layers[index], hidden, position_embeddings, self.positions[:width], mask,
+                               view, self.parts.cache_keyword, self.parts.attention == "eager")
+        hidden.copy_(out)
 
     def _head(self, width: int, params: SamplingParams) -> None:
         token, log_prob = head_unit(
@@ -268,6 +279,7 @@ class StaticEngine:
         self.rows[:width] = slots.clamp_max(trash)
         self.done[:width] = slots >= batch
         self.positions[:batch, 0] = prompt_mask.sum(1)
+        self.positions[batch:width] = 0  # idle slots: any position will do, but keep them from growing
         self.write_index.fill_(prompt_width)
         self.masks.start(prompt_mask)
         self.is_eos.zero_()
@@ -326,8 +338,9 @@ class StaticEngine:
         write = torch.arange(width, device=self.device)
         for index in kept:
             view = self.cache.view(index, batch, write, width)
-            hidden = layer_unit(self.parts, index, hidden, position_embeddings, positions,
-                                masks[self.parts.windows[index]], view)
+            hidden = layer_unit(self.parts.layers[index], hidden, position_embeddings, positions,
+                                masks[self.parts.windows[index]], view, self.parts.cache_keyword,
+                                self.parts.attention == "eager")
             if view.updates != 1:
                 raise RuntimeError(f"decoder layer {index} did not write the static KV cache "
                                    f"(transformers did not pass `{self.parts.cache_keyword}` through)")
@@ -392,7 +405,8 @@ class StaticEngine:
         tokens = torch.zeros((1, 1), dtype=torch.long, device=device)
         hidden, position_embeddings = embed_unit(self.parts, tokens, tokens)
         probe = _ProbeCache()
-        layer_unit(self.parts, 0, hidden, position_embeddings, tokens, None, probe)
+        layer_unit(self.parts.layers[0], hidden, position_embeddings, tokens, None, probe, self.parts.cache_keyword,
+                   self.parts.attention == "eager")
         if probe.keys is None:
             raise RuntimeError(f"decoder layer 0 ignored the `{self.parts.cache_keyword}` argument: this "
                                "transformers version is not supported by kv_cache: static")
@@ -401,13 +415,15 @@ class StaticEngine:
 
 # --- one engine per model --------------------------------------------------------------------------------
 
-# model -> {graphs?: engine}. Weak keys: an engine dies with its model (it holds submodules, never the model).
-_ENGINES: weakref.WeakKeyDictionary[nn.Module, dict[bool, StaticEngine]] = weakref.WeakKeyDictionary()
+# model -> {(graphs?, compiled?): engine}. Weak keys: an engine dies with its model (it holds submodules, never the model).
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], StaticEngine]] = weakref.WeakKeyDictionary()
 
 
-def engine_for(model: nn.Module, batch: int, length: int, graphs: bool) -> StaticEngine:
-    """The model's cached engine (one with graphs, one without) when it fits (batch, length, same parameter
-    tensors and layers), else a new one.
+def engine_for(
+    model: nn.Module, batch: int, length: int, graphs: bool, compile_layers: bool = False
+) -> StaticEngine:
+    """The model's cached engine of this kind (graphs or not, compiled or not) when it fits (batch, length,
+    same parameter tensors and layers), else a new one.
 
     Capacities only grow, so alternating sizes do not rebuild, except that a graph engine more than twice as
     long as needed is rebuilt: graphs read the whole length every step.
@@ -415,17 +431,18 @@ def engine_for(model: nn.Module, batch: int, length: int, graphs: bool) -> Stati
     length = -(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM
     signature = _signature(model)
     engines = _ENGINES.setdefault(model, {})
-    engine = engines.pop(graphs, None)
+    kind = (graphs, compile_layers)
+    engine = engines.pop(kind, None)
     if engine is not None and engine.signature == signature:
         too_long = graphs and engine.length > 2 * length
         if engine.batch >= batch and engine.length >= length and not too_long:
-            engines[graphs] = engine
+            engines[kind] = engine
             return engine
         batch = max(batch, engine.batch)
         length = length if too_long else max(length, engine.length)
     engine = None  # free the old buffers before allocating new ones
-    engines[graphs] = StaticEngine(model, batch, length, graphs)
-    return engines[graphs]
+    engines[kind] = StaticEngine(model, batch, length, graphs, compile_layers=compile_layers)
+    return engines[kind]
 
 
 def release_engine(model: nn.Module) -> None:

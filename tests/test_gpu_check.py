@@ -21,7 +21,7 @@ def test_gpu_check_smoke_run_writes_every_section(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["smoke"] is True
-    sections = ("environment", "throughput", "graphs", "nested", "roofline", "profile", "train")
+    sections = ("environment", "throughput", "graphs", "nested", "roofline", "profile", "train", "compiled")
     failed = {name: report[name] for name in sections if "error" in report[name] or "skipped" in report[name]}
     assert not failed
     speeds = report["throughput"]["tokens_per_s"]
@@ -33,4 +33,5 @@ def test_gpu_check_smoke_run_writes_every_section(tmp_path):
     assert report["roofline"]["weight_bytes"] > 0 and report["roofline"]["hbm_fraction"] > 0
     assert report["profile"]["eager"]["top_cpu_ops"], "the profile of a decode step must list operators"
     assert report["train"]["step_seconds"] > 0 and report["train"]["process_peak_rss_mb"] > 0
+    assert report["compiled"]["tokens_per_s"]["graphs + compile"] > 0
     assert "== summary ==" in result.stdout

@@ -83,7 +83,7 @@ def test_bucketed_steps_match_dynamic(monkeypatch, tiny_prompts):
     model = build_tiny(LlamaConfig)
     # 12 rows in a bucket of 16, cache of 64 slots (the rollouts need at most 9 + 16).
     monkeypatch.setattr(rollout_module, "engine_for",
-                        lambda model, batch, length, graphs: StaticEngine(model, 16, 64, graphs=False, bucketed=True))
+                        lambda model, *args, **kwargs: StaticEngine(model, 16, 64, graphs=False, bucketed=True))
     widths = []
     compact = StaticEngine._compact
     monkeypatch.setattr(StaticEngine, "_compact",
@@ -98,6 +98,23 @@ def test_bucketed_steps_match_dynamic(monkeypatch, tiny_prompts):
         torch.testing.assert_close(dynamic.behavior_log_probs, static.behavior_log_probs, atol=1e-4, rtol=0)
     assert set(widths) & {8, 4, 2, 1}, "rows finishing must shrink the batch to smaller buckets"
     assert set(widths) <= {8, 4, 2, 1}
+
+
+def test_compiled_layer_unit_is_shared_by_every_layer_and_bucket(monkeypatch, tiny_prompts):
+    """torch.compile of the layer unit: one compilation for all layers (their weights are graph inputs) and all
+    batch buckets (symbolic batch); same tokens as the dynamic cache, log-probs to float rounding."""
+    torch._dynamo.reset()
+    model = build_tiny(LlamaConfig)
+    engine = StaticEngine(model, 16, 64, graphs=False, bucketed=True, compile_layers=True)
+    monkeypatch.setattr(rollout_module, "engine_for", lambda *args, **kwargs: engine)
+    eos = frequent_tokens(model, tiny_prompts, seed=0)
+    torch._dynamo.utils.counters.clear()
+    for skip in [(), (1, 4)]:
+        dynamic, static = both(model, tiny_prompts, eos, skip=skip, seed=0, max_new_tokens=16)
+        assert torch.equal(dynamic.completion_ids, static.completion_ids)
+        torch.testing.assert_close(dynamic.behavior_log_probs, static.behavior_log_probs, atol=1e-4, rtol=0)
+    # Widths 16, 8, 4, 2 share one graph; width 1 may get its own (dynamo specialises sizes 0 and 1).
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
 
 
 @pytest.mark.parametrize("window", [3, 6])
@@ -122,18 +139,18 @@ def test_eager_attention_implementation(tiny_prompts):
 
 def test_engine_is_reused_across_skip_sets_and_smaller_batches(tiny_llama, tiny_prompts):
     run(tiny_llama, tiny_prompts, eos=[2], seed=0, kv_cache="static")
-    engine = static_engine._ENGINES[tiny_llama][False]
+    engine = static_engine._ENGINES[tiny_llama][False, False]
     assert engine.graphs is None, "no CUDA graphs on CPU"
     for skip in [(1,), (0, 4), (2, 3, 5)]:
         run(tiny_llama, tiny_prompts[:2], eos=[2], seed=0, skip=skip, kv_cache="static")
-        assert static_engine._ENGINES[tiny_llama][False] is engine
+        assert static_engine._ENGINES[tiny_llama][False, False] is engine
     run(tiny_llama, tiny_prompts, eos=[2], seed=0, kv_cache="static", max_new_tokens=200)  # longer: rebuilt
-    bigger = static_engine._ENGINES[tiny_llama][False]
+    bigger = static_engine._ENGINES[tiny_llama][False, False]
     assert bigger is not engine and bigger.length >= max(map(len, tiny_prompts)) + 200
     tiny_llama.double()  # new parameter tensors: the engine (and any graph) must not keep the old ones
     run(tiny_llama, tiny_prompts, eos=[2], seed=0, kv_cache="static")
-    assert static_engine._ENGINES[tiny_llama][False] is not bigger
-    assert static_engine._ENGINES[tiny_llama][False].cache.dtype == torch.float64
+    assert static_engine._ENGINES[tiny_llama][False, False] is not bigger
+    assert static_engine._ENGINES[tiny_llama][False, False].cache.dtype == torch.float64
 
 
 def test_engine_does_not_keep_the_model_alive(tiny_prompts):
