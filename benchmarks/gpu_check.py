@@ -391,7 +391,8 @@ def summarise(report: dict[str, Any]) -> None:
     compiled = report.get("compiled", {})
     if "compiled_over_graphs" in compiled and "hbm_fraction" in compiled["roofline"]:
         lines.append(f"with compiled layers: {compiled['compiled_over_graphs']:.2f}x plain graphs, HBM fraction "
-                     f"{compiled['roofline']['hbm_fraction']:.2f}, first rollout {compiled['first_rollout_seconds']:.0f} s")
+                     f"{compiled['roofline']['hbm_fraction']:.2f}, "
+                     f"first rollout {compiled['first_rollout_seconds']:.0f} s")
     if "step_seconds" in report.get("train", {}):
         train = report["train"]
         memory = train.get("peak_allocated_mb", train.get("process_peak_rss_mb"))

@@ -120,8 +120,9 @@ def generate(
     if kv_cache == "static":
         skip = validate_skip_set(skip, len(decoder_layers(model)))
         with _eval_mode(model):
-            engine = engine_for(model, len(prompt_ids), prompt_ids.shape[1] + max_new_tokens,
-                                graphs=cuda_graphs == "auto" and device.type == "cuda", compile_layers=compile_layers)
+            graphs = cuda_graphs == "auto" and device.type == "cuda"
+            engine = engine_for(model, len(prompt_ids), prompt_ids.shape[1] + max_new_tokens, graphs=graphs,
+                                compile_layers=compile_layers)
             decoded, prefill_seconds, decode_seconds = engine.run(
                 prompt_ids, prompt_mask, skip, max_new_tokens, min_new_tokens, params, eos, pad_token_id,
                 uniforms, _status_interval(device),

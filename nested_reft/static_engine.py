@@ -197,6 +197,10 @@ class StaticEngine:
         self.is_eos = torch.zeros(parts.lm_head.out_features, dtype=torch.bool, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.rows = torch.zeros(batch, dtype=torch.long, device=device)  # output row of each slot
+        rope_type = str(getattr(parts.rotary_emb, "rope_type", "default"))
+        if graphs and ("dynamic" in rope_type or "longrope" in rope_type):
+            raise UserError(f"rollout.cuda_graphs: RoPE type '{rope_type}' recomputes its frequencies from the "
+                            "positions on the host, which a CUDA graph cannot replay; use cuda_graphs: off")
         self.graphs = DecodeGraphs(device) if graphs else None
         if self.graphs is not None:
             with torch.no_grad():
@@ -415,7 +419,8 @@ class StaticEngine:
 
 # --- one engine per model --------------------------------------------------------------------------------
 
-# model -> {(graphs?, compiled?): engine}. Weak keys: an engine dies with its model (it holds submodules, never the model).
+# model -> {(graphs?, compiled?): engine}. Weak keys: an engine dies with its model (it holds submodules, never
+# the model itself).
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], StaticEngine]] = weakref.WeakKeyDictionary()
 
 
