@@ -113,7 +113,8 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
         start = time.perf_counter()
         rollout = generate(model, prompts, num_generations=recipe.rollout.num_generations,
                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, params=params,
-                           eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, skip=skip, seed=recipe.run.seed)
+                           eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, skip=skip, seed=recipe.run.seed,
+                           kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs)
         sample = {"tokens_per_sec": rollout.tokens_per_second, "prefill_seconds": rollout.prefill_seconds,
                   "decode_seconds": rollout.decode_seconds, "tokens": rollout.tokens_generated,
                   "peak_memory_mb": peak_memory_mb(device)}

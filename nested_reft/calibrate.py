@@ -173,7 +173,8 @@ def calibrate(recipe: Recipe, ratios: list[float], num_prompts: int, progress: P
     def sample(skip: tuple[int, ...] = (), fixed_length: bool = False) -> Rollout:
         return generate(model, prompts, max_new_tokens=length, params=params, pad_token_id=tokenizer.pad_token_id,
                         eos_token_ids=eos_token_ids(tokenizer, model.generation_config), skip=skip,
-                        seed=recipe.run.seed, min_new_tokens=length if fixed_length else 0)
+                        seed=recipe.run.seed, min_new_tokens=length if fixed_length else 0,
+                        kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs)
 
     progress("sampling with the full model")
     reference = sample()

@@ -71,7 +71,7 @@ class EvalReport:
 def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataConfig, *, samples: int = 1,
                       temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
                       reward_cfg: RewardConfig = RewardConfig(), seed: int = 0, batch_size: int = 16,
-                      on_batch=None) -> EvalReport:
+                      on_batch=None, kv_cache: str = "dynamic", cuda_graphs: str = "auto") -> EvalReport:
     """Sample `samples` completions per example with the full model and score them.
 
     pass@1 is the mean accuracy over all samples (greedy when samples == 1 and temperature == 0); with
@@ -85,7 +85,8 @@ def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataC
         chunk = examples[b : b + prompts_per_batch]
         rollout = generate(model, encode_prompts(tokenizer, [e.question for e in chunk], data_cfg),
                            num_generations=samples, max_new_tokens=max_new_tokens, params=params,
-                           eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, seed=seed + b)
+                           eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, seed=seed + b,
+                           kv_cache=kv_cache, cuda_graphs=cuda_graphs)
         tokens += rollout.tokens_generated
         gen_seconds += rollout.prefill_seconds + rollout.decode_seconds
         texts = tokenizer.batch_decode(rollout.completions(), skip_special_tokens=True)
@@ -114,7 +115,8 @@ def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataC
 
 def evaluate(model_spec: str, data_spec: str, *, split: str, limit: int | None, samples: int, temperature: float,
              max_new_tokens: int, data_cfg: DataConfig, reward_cfg: RewardConfig, dtype: str, device: str,
-             seed: int, report_path: Path, mixed_precision: str = "no", on_batch=None) -> dict[str, Any]:
+             seed: int, report_path: Path, mixed_precision: str = "no", on_batch=None, kv_cache: str = "dynamic",
+             cuda_graphs: str = "auto") -> dict[str, Any]:
     """Evaluate a model (path, alias or run directory) on a data set; writes the JSON report and, beside it, the
     per-example JSONL. Returns the report. `mixed_precision` (auto | no | bf16 | fp16) is the compute dtype."""
     path = resolve_model_path(model_spec)
@@ -122,7 +124,8 @@ def evaluate(model_spec: str, data_spec: str, *, split: str, limit: int | None, 
     examples = load_examples(data_spec, split=split, limit=limit, seed=seed)
     model, tokenizer = load_model(path, dtype=dtype, device=device, mixed_precision=precision)
     result = evaluate_examples(model, tokenizer, examples, data_cfg, samples=samples, temperature=temperature,
-                               max_new_tokens=max_new_tokens, reward_cfg=reward_cfg, seed=seed, on_batch=on_batch)
+                               max_new_tokens=max_new_tokens, reward_cfg=reward_cfg, seed=seed, on_batch=on_batch,
+                               kv_cache=kv_cache, cuda_graphs=cuda_graphs)
     report = result.to_dict(model=path, data=data_spec)
     report["settings"] |= {"dtype": dtype, "mixed_precision": precision}
     atomic_write_json(report_path, report)

@@ -79,6 +79,22 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    kv_cache: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="Rollout KV cache: 'dynamic' (transformers' DynamicCache, every supported family) or 'static' "
+        "(preallocated and written in place; llama, mistral, qwen2, qwen3; needed for CUDA graphs).",
+    )
+    cuda_graphs: Literal["auto", "off"] = Field(
+        "auto",
+        description="With kv_cache static on a CUDA device, replay decoding from CUDA graphs captured per decoder "
+        "layer, which every skip set reuses; never used on CPU. 'off' decodes eagerly.",
+    )
+
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false (and `on` as true): take them as the words the user wrote."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
 
 class SkippingConfig(Section):

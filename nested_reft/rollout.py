@@ -3,14 +3,22 @@
 One left-padded batch holds every prompt repeated `num_generations` times. A prefill pass fills the cache
 and yields only the last position's logits; then tokens are decoded one at a time. Each token is drawn from
 `sampling.log_probs` (temperature, top-k, top-p), and its log-probability under exactly that distribution is
-recorded as the behavior log-prob `lp_b`. The whole generation runs inside `skip_layers`, so the cache is
-built for the kept layers only. Rows that have emitted EOS are dropped from the batch and the cache, so later
-steps only compute live rows; their outputs are written back by original row index.
+recorded as the behavior log-prob `lp_b`. Every step's random numbers are drawn up front, one per original
+row, so a row's tokens do not depend on how the batch around it shrinks. Rows that have emitted EOS are
+dropped from the batch and the cache, so later steps only compute live rows; their outputs are written back
+by original row index.
+
+Two KV caches (`kv_cache`):
+- "dynamic": transformers' DynamicCache, grown by concatenation every step; the model runs inside
+  `skip_layers`, so the cache has one slot per kept layer. Works for every supported family.
+- "static": preallocated buffers written in place, driven by `static_engine` (one per model, reused across
+  rollouts), which calls the decoder layers itself and leaves the skipped ones out. With `cuda_graphs`
+  "auto" on a CUDA device its decode units are replayed from CUDA graphs captured per layer, so every skip
+  set reuses the same graphs. Same tokens and log-probs as "dynamic" on CPU.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,14 +27,12 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from nested_reft.sampling import MASKED_LOGIT, SamplingParams, log_probs
-from nested_reft.skipping import skip_layers
+from nested_reft.sampling import MASKED_LOGIT, SamplingParams, sample_tokens
+from nested_reft.skipping import decoder_layers, skip_layers, validate_skip_set
+from nested_reft.static_engine import COMPACT_FRACTION, cache_keyword, device_clock, engine_for
 
-# Drop finished rows once they are at least this fraction of the live batch. Dropping copies the KV cache
-# once (SmolLM2-135M on one CPU core, 16 rows x 200 cached tokens: ~20 ms), and each dropped row saves ~5 ms
-# of every later step (step ~154 ms at 16 rows, ~93 ms at 4), so a drop pays for itself within a few steps;
-# waiting for a couple of rows merely halves the number of copies.
-COMPACT_FRACTION = 0.125
+KV_CACHES = ("dynamic", "static")
+CUDA_GRAPHS = ("auto", "off")
 
 
 def _status_interval(device: torch.device) -> int:
@@ -82,14 +88,25 @@ def generate(
     skip: Sequence[int] = (),
     seed: int | None = None,
     min_new_tokens: int = 0,
+    kv_cache: str = "dynamic",
+    cuda_graphs: str = "auto",
+    compile_layers: bool = False,
 ) -> Rollout:
     """Sample `num_generations` completions per prompt with decoder layers `skip` bypassed.
 
     A row stops at its first EOS token (kept in the completion) or after `max_new_tokens`. EOS cannot be
     sampled before `min_new_tokens` tokens (for fixed-length benchmarks; the recorded log-probs then describe
-    that EOS-free distribution). The same `seed` on the same device gives the same rollout.
+    that EOS-free distribution). The same `seed` on the same device gives the same rollout. `kv_cache` is
+    "dynamic" or "static"; `cuda_graphs` "auto" replays static decoding from CUDA graphs on a CUDA device
+    (never on CPU), "off" runs it eagerly. `compile_layers` (static only, experimental) runs each decoder layer's
+    decode step through torch.compile: one compilation shared by every layer and skip set.
     """
     _check_arguments(prompts, num_generations, max_new_tokens, min_new_tokens, eos_token_ids)
+    if kv_cache not in KV_CACHES or cuda_graphs not in CUDA_GRAPHS:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES} and cuda_graphs one of {CUDA_GRAPHS}, "
+                         f"got {kv_cache!r} and {cuda_graphs!r}")
+    if compile_layers and kv_cache != "static":
+        raise ValueError("compile_layers needs kv_cache='static'")
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, num_generations, pad_token_id, device)
     generator = torch.Generator(device)
@@ -97,11 +114,25 @@ def generate(
         generator.seed()
     else:
         generator.manual_seed(seed)
+    # Every step's random number for every row, drawn up front (see the module docstring).
+    uniforms = torch.rand((max_new_tokens, len(prompt_ids)), generator=generator, dtype=torch.float64, device=device)
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
-    with _eval_mode(model), skip_layers(model, skip):
-        decoded, prefill_seconds, decode_seconds = _decode(
-            model, prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, params, eos, pad_token_id, generator
-        )
+    if kv_cache == "static":
+        skip = validate_skip_set(skip, len(decoder_layers(model)))
+        with _eval_mode(model):
+            graphs = cuda_graphs == "auto" and device.type == "cuda"
+            engine = engine_for(model, len(prompt_ids), prompt_ids.shape[1] + max_new_tokens, graphs=graphs,
+                                compile_layers=compile_layers)
+            decoded, prefill_seconds, decode_seconds = engine.run(
+                prompt_ids, prompt_mask, skip, max_new_tokens, min_new_tokens, params, eos, pad_token_id,
+                uniforms, _status_interval(device),
+            )
+    else:
+        with _eval_mode(model), skip_layers(model, skip):
+            decoded, prefill_seconds, decode_seconds = _decode(
+                model, prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, params, eos, pad_token_id,
+                uniforms,
+            )
     completion_ids, completion_mask, behavior_log_probs = decoded
     length = int(completion_mask.sum(1).max())
     return Rollout(
@@ -172,9 +203,9 @@ def _decode(
     params: SamplingParams,
     eos: torch.Tensor,
     pad_token_id: int,
-    generator: torch.Generator,
+    uniforms: torch.Tensor,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float, float]:
-    """Prefill, then decode token by token.
+    """Prefill, then decode token by token over a DynamicCache (`uniforms` [T, B]: random numbers by row).
 
     Returns ((ids, mask, log-probs), each [B, max_new_tokens]; prefill seconds; decode seconds).
     """
@@ -186,17 +217,18 @@ def _decode(
     # Preallocated so that each step passes a growing view instead of concatenating a new mask.
     attention = torch.cat([prompt_mask, prompt_mask.new_ones((batch, max_new_tokens))], dim=1)
     cache = DynamicCache(config=model.config)  # created inside skip_layers: one slot per kept layer
+    cache_argument = {cache_keyword(type(model).forward): cache}  # "cache" in current transformers
 
-    start = _clock(device)
+    start = device_clock(device)
     logits = model(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=(prompt_mask.cumsum(1) - 1).clamp_min(0),  # left padding must not shift positions
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **cache_argument,
     ).logits[:, -1]
-    prefill_end = _clock(device)
+    prefill_end = device_clock(device)
 
     status_interval = _status_interval(device)
     rows = torch.arange(batch, device=device)  # original row of each live row
@@ -205,7 +237,7 @@ def _decode(
     for step in range(max_new_tokens):
         if step < min_new_tokens:
             logits = logits.index_fill(-1, eos, MASKED_LOGIT)
-        token, token_log_prob = _sample(logits, params, generator)
+        token, token_log_prob = sample_tokens(logits, params, uniforms[step].index_select(0, rows))
         token = token.masked_fill(done, pad_token_id)  # a finished row not yet dropped emits padding
         out_ids[rows, step] = token
         out_mask[rows, step] = ~done
@@ -226,39 +258,9 @@ def _decode(
             input_ids=token[:, None],
             attention_mask=attention[:, : prompt_width + step + 1],
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **cache_argument,
         ).logits[:, -1]
         positions = positions + 1
-    end = _clock(device)
+    end = device_clock(device)
     return (out_ids, out_mask, out_log_probs), prefill_end - start, end - prefill_end
-
-
-def _sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row from `log_probs(logits, params)`; return (tokens [B], their log-probs [B]).
-
-    Inverse-CDF sampling: one uniform u per row, token = first index whose cumulative probability exceeds
-    u * total. It needs B random numbers instead of the B x V of Gumbel-max (on CPU: ~2 ms against ~7 ms for
-    16 x 49k; `torch.multinomial` takes ~17 ms) and no host sync. A token outside the top-k/top-p support has
-    probability exactly 0 and adds nothing to a sequential cumulative sum, so it is never drawn; the sum is
-    float64 so that the rounding of a parallel GPU scan leaves it at most a ~1e-16 window. u * total < total
-    holds exactly for u < 1, so the index is always in range. Greedy takes the argmax of the raw logits, as
-    `model.generate` does; top-k/top-p never remove the argmax, so it is also the mode of the distribution.
-    """
-    distribution = log_probs(logits, params)
-    if params.greedy:
-        token = logits.argmax(-1)
-    else:
-        cumulative = distribution.exp().cumsum(-1, dtype=torch.float64)
-        u = torch.rand((len(cumulative), 1), generator=generator, dtype=torch.float64, device=cumulative.device)
-        token = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).squeeze(1)
-    return token, distribution.gather(-1, token[:, None]).squeeze(1)
-
-
-def _clock(device: torch.device) -> float:
-    """Wall-clock seconds, after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

@@ -54,3 +54,28 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Log-probabilities [..., V] of the sampling distribution defined by `params`."""
     return torch.log_softmax(process_logits(logits, params), dim=-1)
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from `log_probs(logits, params)`; return (tokens [B], their log-probs [B]).
+
+    `uniform` [B] float64 in [0, 1) is the row's random number: inverse-CDF sampling takes the first index
+    whose cumulative probability exceeds u * total. Taking u as an argument (instead of a generator) makes
+    the draw a pure function of its inputs: the engine draws every step's numbers up front, indexed by the
+    original row, so a row's tokens do not depend on which other rows are still in the batch, and the whole
+    step can be captured in a CUDA graph. It needs B random numbers instead of the B x V of Gumbel-max and
+    no host sync. A token outside the top-k/top-p support has probability exactly 0 and adds nothing to a
+    sequential cumulative sum, so it is never drawn; the sum is float64 so that the rounding of a parallel
+    GPU scan leaves it at most a ~1e-16 window. u * total < total holds exactly for u < 1, so the index is
+    always in range. Greedy takes the argmax of the raw logits, as `model.generate` does; top-k/top-p never
+    remove the argmax, so it is also the mode of the distribution.
+    """
+    distribution = log_probs(logits, params)
+    if params.greedy:
+        token = logits.argmax(-1)
+    else:
+        cumulative = distribution.exp().cumsum(-1, dtype=torch.float64)
+        token = torch.searchsorted(cumulative, uniform[:, None] * cumulative[:, -1:], right=True).squeeze(1)
+    return token, distribution.gather(-1, token[:, None]).squeeze(1)

@@ -321,6 +321,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
             num_generations=group_size, max_new_tokens=recipe.rollout.max_completion_length,
             params=params, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, skip=skip,
             seed=recipe.run.seed * 1_000_003 + step,
+            kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs,
         )
         t1 = time.perf_counter()
         if sampler.needs_costs:  # once per run: per-layer skip costs, measured on this full-model batch
@@ -357,7 +358,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
         }
         if eval_examples and recipe.train.eval_every and step % recipe.train.eval_every == 0:
             report = evaluate_examples(model, tokenizer, eval_examples, data, max_new_tokens=recipe.rollout.max_completion_length,
-                                       reward_cfg=recipe.reward, seed=recipe.run.seed)
+                                       reward_cfg=recipe.reward, seed=recipe.run.seed,
+                                       kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs)
             row["eval_pass@1"] = report.metrics["pass@1"]
             run.write_report(f"eval-step-{step}", report.to_dict(model=str(source), data=data.eval))
         if warning := health.check(row):

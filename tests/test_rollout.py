@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 from .conftest import NUM_LAYERS, PAD_ID, VOCAB_SIZE
 
 from nested_reft import rollout as rollout_module
-from nested_reft.rollout import Rollout, _sample, generate
-from nested_reft.sampling import SamplingParams, log_probs
+from nested_reft.rollout import Rollout, generate
+from nested_reft.sampling import SamplingParams, log_probs, sample_tokens
 from nested_reft.skipping import skip_layers
 
 SAMPLED = SamplingParams(temperature=0.7, top_k=20, top_p=0.9)
@@ -53,10 +54,11 @@ def status_interval(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
 @pytest.mark.parametrize("skip", [(), (0, 2, NUM_LAYERS - 1)])
-def test_behavior_log_probs_equal_a_fresh_forward_pass(tiny_model, tiny_prompts, skip, status_interval):
+def test_behavior_log_probs_equal_a_fresh_forward_pass(tiny_model, tiny_prompts, skip, kv_cache, status_interval):
     eos = frequent_tokens(tiny_model, tiny_prompts, skip=skip, seed=0)
-    rollout = run(tiny_model, tiny_prompts, eos, skip=skip, seed=0)
+    rollout = run(tiny_model, tiny_prompts, eos, skip=skip, seed=0, kv_cache=kv_cache)
     assert rollout.skipped_layers == skip
     assert len(set(lengths(rollout))) > 2, "rows must finish at different steps for this test to mean anything"
     assert min(lengths(rollout)) < rollout.completion_ids.shape[1]
@@ -67,9 +69,10 @@ def test_behavior_log_probs_equal_a_fresh_forward_pass(tiny_model, tiny_prompts,
     assert (rollout.behavior_log_probs[real] < 0).any() and (rollout.behavior_log_probs[real] > -20).all()
 
 
-def test_greedy_matches_transformers_generate(tiny_model, tiny_prompts, status_interval):
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_greedy_matches_transformers_generate(tiny_model, tiny_prompts, kv_cache, status_interval):
     eos = frequent_tokens(tiny_model, tiny_prompts, params=GREEDY, count=6)
-    ours = run(tiny_model, tiny_prompts, eos, params=GREEDY, generations=1, max_new_tokens=12)
+    ours = run(tiny_model, tiny_prompts, eos, params=GREEDY, generations=1, max_new_tokens=12, kv_cache=kv_cache)
     assert len(set(lengths(ours))) > 1
     expected = tiny_model.generate(
         input_ids=ours.prompt_ids, attention_mask=ours.prompt_mask, do_sample=False, max_new_tokens=12,
@@ -80,12 +83,13 @@ def test_greedy_matches_transformers_generate(tiny_model, tiny_prompts, status_i
                                atol=1e-4, rtol=0)
 
 
-def test_same_seed_same_rollout_different_seed_different(tiny_llama, tiny_prompts):
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_same_seed_same_rollout_different_seed_different(tiny_llama, tiny_prompts, kv_cache):
     eos = frequent_tokens(tiny_llama, tiny_prompts, seed=0)
-    first, second = (run(tiny_llama, tiny_prompts, eos, seed=5, skip=(1, 3)) for _ in range(2))
+    first, second = (run(tiny_llama, tiny_prompts, eos, seed=5, skip=(1, 3), kv_cache=kv_cache) for _ in range(2))
     for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "behavior_log_probs"):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
-    other = run(tiny_llama, tiny_prompts, eos, seed=6, skip=(1, 3))
+    other = run(tiny_llama, tiny_prompts, eos, seed=6, skip=(1, 3), kv_cache=kv_cache)
     assert not torch.equal(first.completion_ids[:, :3], other.completion_ids[:, :3])
 
 
@@ -100,9 +104,10 @@ def test_prompts_are_left_padded_in_contiguous_groups(tiny_llama, tiny_prompts):
         assert (rollout.prompt_ids[row, : width - len(prompt)] == PAD_ID).all()
 
 
-def test_completion_mask_and_padding_after_eos(tiny_qwen2, tiny_prompts, status_interval):
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_completion_mask_and_padding_after_eos(tiny_qwen2, tiny_prompts, kv_cache, status_interval):
     eos = frequent_tokens(tiny_qwen2, tiny_prompts, seed=1)
-    rollout = run(tiny_qwen2, tiny_prompts, eos, seed=1, max_new_tokens=20)
+    rollout = run(tiny_qwen2, tiny_prompts, eos, seed=1, max_new_tokens=20, kv_cache=kv_cache)
     ids, mask = rollout.completion_ids, rollout.completion_mask
     assert mask.dtype == torch.bool and ids.shape == mask.shape == rollout.behavior_log_probs.shape
     assert ids.shape[1] == max(lengths(rollout))
@@ -116,14 +121,15 @@ def test_completion_mask_and_padding_after_eos(tiny_qwen2, tiny_prompts, status_
         assert (ids[row, length:] == PAD_ID).all()
 
 
-def test_min_new_tokens_masks_eos(tiny_llama, tiny_prompts):
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_min_new_tokens_masks_eos(tiny_llama, tiny_prompts, kv_cache):
     eos = frequent_tokens(tiny_llama, tiny_prompts, count=8, seed=2)
-    free = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12)
+    free = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, kv_cache=kv_cache)
     assert min(lengths(free)) < 6
-    forced = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, min_new_tokens=6)
+    forced = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, min_new_tokens=6, kv_cache=kv_cache)
     assert min(lengths(forced)) >= 6
     assert not set(forced.completion_ids[:, :5].flatten().tolist()) & set(eos)
-    fixed = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, min_new_tokens=12)
+    fixed = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, min_new_tokens=12, kv_cache=kv_cache)
     assert lengths(fixed) == [12] * len(lengths(fixed))
 
 
@@ -134,7 +140,8 @@ def test_max_new_tokens_caps_every_row(tiny_llama, tiny_prompts):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(max_new_tokens=0), dict(generations=0), dict(min_new_tokens=20), dict(eos=[])],
+    [dict(max_new_tokens=0), dict(generations=0), dict(min_new_tokens=20), dict(eos=[]), dict(kv_cache="paged"),
+     dict(cuda_graphs="on")],
 )
 def test_invalid_arguments(tiny_llama, tiny_prompts, kwargs):
     arguments = dict(eos=[2], max_new_tokens=8) | kwargs
@@ -153,7 +160,8 @@ def test_sampler_draws_from_the_processed_distribution():
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, 3.0]]).expand(40_000, -1)
     settings = (SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=3), SamplingParams(top_p=0.8))
     for params in settings:
-        tokens, token_log_probs = _sample(logits, params, torch.Generator().manual_seed(0))
+        uniform = torch.rand(len(logits), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        tokens, token_log_probs = sample_tokens(logits, params, uniform)
         expected = log_probs(logits[0], params).exp()
         frequencies = torch.bincount(tokens, minlength=6).float() / len(tokens)
         torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
@@ -161,12 +169,22 @@ def test_sampler_draws_from_the_processed_distribution():
         assert torch.equal(token_log_probs, log_probs(logits[0], params)[tokens])
 
 
-def test_generates_in_eval_mode_and_restores_modes(tiny_llama, tiny_prompts):
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_generates_in_eval_mode_and_restores_modes(tiny_llama, tiny_prompts, kv_cache):
     """Gradient checkpointing in train mode makes transformers drop the KV cache; generate must not be affected."""
     expected = run(tiny_llama, tiny_prompts, eos=[2], params=GREEDY, generations=1, max_new_tokens=8)
     tiny_llama.activation_checkpointing_enable()
     tiny_llama.train()
     tiny_llama.model.norm.eval()  # a module in its own mode must get it back
-    got = run(tiny_llama, tiny_prompts, eos=[2], params=GREEDY, generations=1, max_new_tokens=8)
+    got = run(tiny_llama, tiny_prompts, eos=[2], params=GREEDY, generations=1, max_new_tokens=8, kv_cache=kv_cache)
     assert torch.equal(got.completion_ids, expected.completion_ids)
     assert tiny_llama.training and tiny_llama.model.layers[0].training and not tiny_llama.model.norm.training
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_generation_emits_no_warnings(tiny_llama, tiny_prompts, kv_cache):
+    """Every run used to print transformers' FutureWarning for the deprecated `past_key_values` keyword."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(tiny_llama, tiny_prompts, eos=[2], max_new_tokens=4, seed=0, skip=(1,), kv_cache=kv_cache)
+    assert [str(w.message) for w in caught] == []

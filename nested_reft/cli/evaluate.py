@@ -50,6 +50,7 @@ def evaluate(
                 reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device,
                 mixed_precision=cfg.model.mixed_precision, seed=cfg.run.seed,
                 report_path=path, on_batch=lambda n, task=task: progress.advance(task, n),
+                kv_cache=cfg.rollout.kv_cache, cuda_graphs=cfg.rollout.cuda_graphs,
             ))
     result = results[0]
     table = Table(title=f"evaluate on {result['data']} (n={result['n']})")

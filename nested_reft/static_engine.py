@@ -1,0 +1,471 @@
+"""The static decode engine: the generation loop over a static KV cache, run eagerly or replayed from CUDA graphs.
+
+A decode step is three kinds of *units*, each a plain function of preallocated tensors:
+
+    embed   next tokens -> hidden states and RoPE cos/sin; opens the new token's cache slot in the masks
+    layer   one decoder layer (the transformers module itself) reading and writing that layer's cache
+    head    final norm, LM head, sampling -> next token and its behavior log-prob
+
+A step runs embed, the *kept* layers in order, then head. Skipping a layer is leaving it out of that list, so
+no unit depends on the skip set. Eagerly (CPU, or `cuda_graphs: off`), the units are called as functions and
+attention reads only the slots written so far. With CUDA graphs, every unit is captured once per batch bucket
+(decode_graphs.py) and attention reads the whole preallocated length under its mask, because a graph's shapes
+are fixed. Rows that finish are dropped by moving live rows to the front: to their exact count eagerly, to the
+next smaller bucket with graphs (the idle rows in a bucket write into a trash row of the outputs).
+
+The engine drives transformers' own decoder layers, embedding, rotary embedding, norm and LM head, so it
+serves the architectures whose model forward is exactly `embed -> rotary -> layers -> norm -> lm_head`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import weakref
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from nested_reft.decode_graphs import DecodeGraphs
+from nested_reft.errors import UserError
+from nested_reft.sampling import MASKED_LOGIT, SamplingParams, sample_tokens
+from nested_reft.skipping import decoder_layers
+from nested_reft.static_cache import AttentionMasks, StaticKVCache, prefill_mask
+
+STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+# Eagerly, drop finished rows once they are at least this fraction of the live batch. Dropping copies the KV
+# cache once (SmolLM2-135M on one CPU core, 16 rows x 200 cached tokens: ~20 ms), and each dropped row saves
+# ~5 ms of every later step (step ~154 ms at 16 rows, ~93 ms at 4), so a drop pays for itself within a few
+# steps; waiting for a couple of rows merely halves the number of copies.
+COMPACT_FRACTION = 0.125
+# Cache lengths are rounded up to this, so that prompts of slightly different lengths reuse one engine.
+LENGTH_QUANTUM = 64
+
+
+# --- the model's pieces and the units --------------------------------------------------------------------
+
+
+@dataclass
+class DecoderParts:
+    """The submodules a decode step calls (never the top-level model: engines are cached per model, weakly)."""
+
+    embed_tokens: nn.Module
+    rotary_emb: nn.Module
+    layers: list[nn.Module]  # every decoder layer, in original order
+    norm: nn.Module
+    lm_head: nn.Module
+    windows: list[int | None]  # each layer's sliding window, None for full attention
+    cache_keyword: str  # "cache" (transformers >= 5.2x) or "past_key_values" (older)
+    attention: str  # "sdpa" or "eager"
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts:
+    """The pieces of a supported model; UserError naming what is unsupported otherwise."""
+    config = model.config
+    layers = list(decoder_layers(model))
+    if config.model_type not in STATIC_MODEL_TYPES:
+        raise UserError(
+            f"rollout.kv_cache: 'static' supports the {', '.join(STATIC_MODEL_TYPES)} families, found "
+            f"'{config.model_type}'; use kv_cache: dynamic"
+        )
+    attention = config._attn_implementation
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise UserError(
+            f"rollout.kv_cache: 'static' needs attention implementation sdpa or eager, found '{attention}'"
+        )
+    if config.model_type == "mistral":
+        windows = [getattr(config, "sliding_window", None)] * len(layers)
+    else:
+        windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
+    return DecoderParts(
+        embed_tokens=model.model.embed_tokens, rotary_emb=model.model.rotary_emb, layers=layers,
+        norm=model.model.norm, lm_head=model.lm_head, windows=windows,
+        cache_keyword=cache_keyword(type(layers[0]).forward), attention=attention,
+    )
+
+
+def cache_keyword(forward) -> str:
+    """The name under which this transformers version's forward takes the KV cache."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def embed_unit(parts: DecoderParts, tokens: torch.Tensor, positions: torch.Tensor):
+    """(hidden [B, Q, H], (cos, sin)) for token ids [B, Q] at RoPE positions [B, Q]."""
+    hidden = parts.embed_tokens(tokens)
+    return hidden, parts.rotary_emb(hidden, positions)
+
+
+def layer_unit(
+    layer: nn.Module, hidden: torch.Tensor, position_embeddings, positions: torch.Tensor,
+    mask: torch.Tensor | None, cache, cache_keyword: str, eager_attention: bool,
+) -> torch.Tensor:
+    """One decoder layer (a transformers module) on hidden [B, Q, H]; `cache.update` stores its keys/values.
+
+    `mask` is bool [B, 1, Q, K] (True = attend) or None for plain causal attention over every key. The layer
+    is an argument, not an index into a list, so that torch.compile traces this once for every layer (their
+    parameters become inputs of one compiled graph) instead of once per layer.
+    """
+    if mask is not None and eager_attention:  # eager attention adds the mask to the scores
+        mask = torch.where(mask, torch.zeros((), dtype=hidden.dtype, device=mask.device),
+                           torch.finfo(hidden.dtype).min)
+    out = layer(
+        hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings,
+        use_cache=True, **{cache_keyword: cache},
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def head_unit(
+    parts: DecoderParts, hidden: torch.Tensor, params: SamplingParams, uniform: torch.Tensor,
+    ban_eos: torch.Tensor, is_eos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [B], log-prob [B]) drawn from the last position of hidden [B, Q, H].
+
+    EOS columns (`is_eos` [V]) get MASKED_LOGIT while `ban_eos` [1] is set (min_new_tokens): a tensor, not a
+    Python flag, so that one captured graph serves every step.
+    """
+    logits = parts.lm_head(parts.norm(hidden)[:, -1:])[:, -1]
+    logits = torch.where(ban_eos & is_eos, MASKED_LOGIT, logits)
+    return sample_tokens(logits, params, uniform)
+
+
+class _ProbeCache:
+    """Records what a layer would store, and stores nothing."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+# --- the engine ------------------------------------------------------------------------------------------
+
+
+def batch_buckets(capacity: int) -> list[int]:
+    """Batch widths that graphs are captured for: powers of two below `capacity`, and `capacity`."""
+    sizes = {capacity}
+    size = 1
+    while size < capacity:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+class StaticEngine:
+    """Preallocated decode state for one model: the KV cache, masks, per-row buffers and (optionally) graphs.
+
+    Reused across rollouts whose batch and length fit; `engine_for` builds and caches one per model.
+    """
+
+    def __init__(
+        self, model: nn.Module, batch: int, length: int, graphs: bool, bucketed: bool = False,
+        compile_layers: bool = False,
+    ) -> None:
+        """`graphs`: capture and replay CUDA graphs. `bucketed` (implied by graphs): run the very calls that
+        graphs capture (batch buckets, whole-length masked reads) eagerly, e.g. to test them on CPU.
+        `compile_layers`: decode steps run the layer unit through torch.compile (one compiled graph shared by
+        every layer; batch size symbolic so that the buckets share it too); prefill stays eager."""
+        self.parts = parts = decoder_parts(model)
+        self.bucketed = bucketed or graphs
+        self.compiled = compile_layers
+        self._layer_unit = torch.compile(layer_unit, dynamic=True) if compile_layers else layer_unit
+        self.device = device = next(model.parameters()).device
+        self.batch, self.length = batch, length
+        self.signature = _signature(model)
+        with torch.no_grad():
+            probe_hidden, (probe_cos, _), probe = self._probe(device)
+        _, kv_heads, _, head_dim = probe.keys.shape
+        self.cache = StaticKVCache(len(parts.layers), batch, length, kv_heads, head_dim, probe.keys.dtype, device,
+                                   value_dtype=probe.values.dtype)
+        self.masks = AttentionMasks(batch, length, set(parts.windows), device)
+        # Per-row decode state; views [:width] of these are what units read and write.
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)  # RoPE position of `token`
+        self.write_index = torch.zeros(1, dtype=torch.long, device=device)  # cache slot of `token`
+        self.hidden = torch.zeros((batch, 1, probe_hidden.shape[-1]), dtype=probe_hidden.dtype, device=device)
+        self.cos = torch.zeros((batch, 1, probe_cos.shape[-1]), dtype=probe_cos.dtype, device=device)
+        self.sin = torch.zeros_like(self.cos)
+        self.uniform = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.token_log_prob = torch.zeros(batch, dtype=torch.float32, device=device)
+        self.ban_eos = torch.zeros(1, dtype=torch.bool, device=device)
+        self.is_eos = torch.zeros(parts.lm_head.out_features, dtype=torch.bool, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.rows = torch.zeros(batch, dtype=torch.long, device=device)  # output row of each slot
+        rope_type = str(getattr(parts.rotary_emb, "rope_type", "default"))
+        if graphs and ("dynamic" in rope_type or "longrope" in rope_type):
+            raise UserError(f"rollout.cuda_graphs: RoPE type '{rope_type}' recomputes its frequencies from the "
+                            "positions on the host, which a CUDA graph cannot replay; use cuda_graphs: off")
+        self.graphs = DecodeGraphs(device) if graphs else None
+        if self.graphs is not None:
+            with torch.no_grad():
+                self._capture_body()
+
+    # -- units bound to this engine's buffers (what graphs capture; eager mode calls them too) --
+
+    def _embed(self, width: int) -> None:
+        hidden, (cos, sin) = embed_unit(self.parts, self.token[:width, None], self.positions[:width])
+        self.hidden[:width].copy_(hidden)
+        self.cos[:width].copy_(cos)
+        self.sin[:width].copy_(sin)
+        self.masks.open(self.write_index, width)
+
+    def _layer(self, index: int, width: int, read_length: int | None, mask: torch.Tensor | None) -> None:
+        view = self.cache.view(index, width, self.write_index, read_length)
+        hidden = self.hidden[:width]
+        position_embeddings = (self.cos[:width], self.sin[:width])
+        out = self._layer_unit(self.parts.layers[index], hidden, position_embeddings, self.positions[:width], mask,
+                               view, self.parts.cache_keyword, self.parts.attention == "eager")
+        hidden.copy_(out)
+
+    def _head(self, width: int, params: SamplingParams) -> None:
+        token, log_prob = head_unit(
+            self.parts, self.hidden[:width], params, self.uniform[:width], self.ban_eos, self.is_eos
+        )
+        self.token[:width].copy_(token)
+        self.token_log_prob[:width].copy_(log_prob)
+
+    # -- graphs --
+
+    def _capture_body(self) -> None:
+        """Embed and every layer (skipped or not in any rollout) for every bucket: whole-length masked reads."""
+        units = {}
+        for width in batch_buckets(self.batch):
+            units[("embed", width)] = partial(self._embed, width)
+            for index, window in enumerate(self.parts.windows):
+                mask = self.masks.get(window, width, None)
+                units[("layer", index, width)] = partial(self._layer, index, width, None, mask)
+        self.graphs.capture(units)
+
+    def _capture_heads(self, params: SamplingParams) -> None:
+        """Head graphs for `params` (sampling settings change the captured ops), once per settings."""
+        missing = {("head", width, params): partial(self._head, width, params)
+                   for width in batch_buckets(self.batch) if ("head", width, params) not in self.graphs}
+        if missing:
+            self.graphs.capture(missing)
+
+    def graph_stats(self) -> dict[str, float]:
+        return self.graphs.stats() if self.graphs is not None else {"graphs": 0}
+
+    # -- the generation loop --
+
+    @torch.no_grad()
+    def run(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, skip: tuple[int, ...], max_new_tokens: int,
+        min_new_tokens: int, params: SamplingParams, eos: torch.Tensor, pad_token_id: int,
+        uniforms: torch.Tensor, status_interval: int,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float, float]:
+        """Prefill, then decode; same contract as rollout._decode: ((ids, mask, log-probs) [B, T], prefill s, decode s).
+
+        `uniforms` [T, B] are each step's random numbers by original row.
+        """
+        batch, prompt_width = prompt_ids.shape
+        if batch > self.batch or prompt_width + max_new_tokens > self.length:
+            raise ValueError(f"rollout of {batch} x {prompt_width + max_new_tokens} exceeds the engine's "
+                             f"{self.batch} x {self.length}")
+        if self.graphs is not None:
+            self._capture_heads(params)  # before any state is set: warm-up runs overwrite buffers
+        skipped = set(skip)
+        kept = [index for index in range(len(self.parts.layers)) if index not in skipped]
+        device = self.device
+        trash = batch  # output row that idle slots write into
+        out_ids = torch.full((batch + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        out_mask = torch.zeros((batch + 1, max_new_tokens), dtype=torch.bool, device=device)
+        out_log_probs = torch.zeros((batch + 1, max_new_tokens), dtype=torch.float32, device=device)
+        uniforms = torch.cat([uniforms, uniforms.new_zeros((max_new_tokens, 1))], dim=1)
+        width = self._start_width(batch)
+        slots = torch.arange(width, device=device)
+        self.rows[:width] = slots.clamp_max(trash)
+        self.done[:width] = slots >= batch
+        self.positions[:batch, 0] = prompt_mask.sum(1)
+        self.positions[batch:width] = 0  # idle slots: any position will do, but keep them from growing
+        self.write_index.fill_(prompt_width)
+        self.masks.start(prompt_mask)
+        self.is_eos.zero_()
+        self.is_eos[eos[eos < len(self.is_eos)]] = True  # an id outside the vocabulary can never be drawn
+
+        start = device_clock(device)
+        self._prefill(prompt_ids, prompt_mask, kept)
+        prefill_end = device_clock(device)
+        padded = self._padded(prompt_mask, batch)
+        for step in range(max_new_tokens):
+            self.uniform[:width].copy_(uniforms[step].index_select(0, self.rows[:width]))
+            self.ban_eos.fill_(step < min_new_tokens)
+            self._run_head(width, params)
+            token, done, rows = self.token[:width], self.done[:width], self.rows[:width]
+            token.masked_fill_(done, pad_token_id)  # a finished row not yet dropped emits padding
+            out_ids[rows, step] = token
+            out_mask[rows, step] = ~done
+            out_log_probs[rows, step] = self.token_log_prob[:width].masked_fill(done, 0.0)
+            done |= torch.isin(token, eos)
+            if step == max_new_tokens - 1:
+                break
+            if (step + 1) % status_interval == 0:
+                live = width - int(done.sum())  # the host sync
+                if live == 0:
+                    break
+                target = self._target_width(live, width)
+                if target < width:
+                    self._compact(kept, width, target, trash, filled=prompt_width + step)
+                    width = target
+                    padded = self._padded(prompt_mask, width)
+            self._run_body(width, kept, read_length=prompt_width + step + 1, padded=padded)
+            self.positions[:width] += 1
+            self.write_index += 1
+        end = device_clock(device)
+        return (out_ids[:batch], out_mask[:batch], out_log_probs[:batch]), prefill_end - start, end - prefill_end
+
+    def decode_step(self, width: int, skip: tuple[int, ...], params: SamplingParams) -> None:
+        """One bucketed decode step (embed, kept layers, head) on whatever state the buffers hold, as `run`
+        does it but without recording or advancing: repeated calls rewrite the same cache slot. For profiling;
+        needs a bucketed or graph engine whose head graphs for `params` exist (any earlier `run` made them)."""
+        if not self.bucketed:
+            raise ValueError("decode_step needs a bucketed or graph engine")
+        kept = [index for index in range(len(self.parts.layers)) if index not in set(skip)]
+        self._run_body(width, kept, read_length=self.length, padded=True)
+        self._run_head(width, params)
+
+    def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, kept: list[int]) -> None:
+        """Run the prompts through the kept layers (eagerly, any mode), filling cache slots [0, P)."""
+        batch, width = prompt_ids.shape
+        positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)  # left padding must not shift positions
+        hidden, position_embeddings = embed_unit(self.parts, prompt_ids, positions)
+        padded = not bool(prompt_mask.bool().all())
+        # As transformers does: no mask (sdpa's is_causal) when nothing needs hiding.
+        masks = {window: prefill_mask(prompt_mask, window) if padded or (window is not None and width >= window)
+                 else None for window in set(self.parts.windows)}
+        write = torch.arange(width, device=self.device)
+        for index in kept:
+            view = self.cache.view(index, batch, write, width)
+            hidden = layer_unit(self.parts.layers[index], hidden, position_embeddings, positions,
+                                masks[self.parts.windows[index]], view, self.parts.cache_keyword,
+                                self.parts.attention == "eager")
+            if view.updates != 1:
+                raise RuntimeError(f"decoder layer {index} did not write the static KV cache "
+                                   f"(transformers did not pass `{self.parts.cache_keyword}` through)")
+        self.hidden[:batch].copy_(hidden[:, -1:])
+
+    def _run_head(self, width: int, params: SamplingParams) -> None:
+        if self.graphs is not None:
+            self.graphs.replay(("head", width, params))
+        else:
+            self._head(width, params)
+
+    def _run_body(self, width: int, kept: list[int], read_length: int, padded: bool) -> None:
+        """Embed the current tokens and run the kept layers: write slot `write_index`, leave hidden states."""
+        if self.graphs is not None:
+            self.graphs.replay(("embed", width))
+            for index in kept:
+                self.graphs.replay(("layer", index, width))
+            return
+        self._embed(width)
+        if self.bucketed:
+            for index in kept:
+                self._layer(index, width, None, self.masks.get(self.parts.windows[index], width, None))
+            return
+        masks = {}
+        for window in set(self.parts.windows):
+            # As transformers does: no mask when no slot is hidden (sdpa then attends to every key).
+            needed = padded or (window is not None and read_length >= window)
+            masks[window] = self.masks.get(window, width, read_length) if needed else None
+        for index in kept:
+            self._layer(index, width, read_length, masks[self.parts.windows[index]])
+
+    def _start_width(self, batch: int) -> int:
+        if not self.bucketed:
+            return batch
+        return next(size for size in batch_buckets(self.batch) if size >= batch)
+
+    def _target_width(self, live: int, width: int) -> int:
+        if self.bucketed:
+            return next(size for size in batch_buckets(self.batch) if size >= live)
+        return live if width - live >= max(1.0, COMPACT_FRACTION * width) else width
+
+    def _compact(self, kept: list[int], width: int, target: int, trash: int, filled: int) -> None:
+        """Move the live rows to the front and mark slots [live, target) idle."""
+        live = (~self.done[:width]).nonzero().squeeze(1)
+        count = len(live)
+        self.cache.select_rows(kept, live, filled)
+        self.masks.select_rows(live)
+        for buffer in (self.token, self.positions, self.rows):
+            buffer[:count] = buffer[live]
+        self.done[:count] = False
+        self.done[count:target] = True
+        self.rows[count:target] = trash
+
+    def _padded(self, prompt_mask: torch.Tensor, width: int) -> bool:
+        """Whether any live row has prompt padding (exact mode only; bucketed steps always apply masks)."""
+        if self.bucketed:
+            return True
+        return not bool(prompt_mask[self.rows[:width]].bool().all())
+
+    def _probe(self, device: torch.device):
+        """One token through the embedding and layer 0: the dtypes and shapes the buffers must have."""
+        tokens = torch.zeros((1, 1), dtype=torch.long, device=device)
+        hidden, position_embeddings = embed_unit(self.parts, tokens, tokens)
+        probe = _ProbeCache()
+        layer_unit(self.parts.layers[0], hidden, position_embeddings, tokens, None, probe, self.parts.cache_keyword,
+                   self.parts.attention == "eager")
+        if probe.keys is None:
+            raise RuntimeError(f"decoder layer 0 ignored the `{self.parts.cache_keyword}` argument: this "
+                               "transformers version is not supported by kv_cache: static")
+        return hidden, position_embeddings, probe
+
+
+# --- one engine per model --------------------------------------------------------------------------------
+
+# model -> {(graphs?, compiled?): engine}. Weak keys: an engine dies with its model (it holds submodules, never
+# the model itself).
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], StaticEngine]] = weakref.WeakKeyDictionary()
+
+
+def engine_for(
+    model: nn.Module, batch: int, length: int, graphs: bool, compile_layers: bool = False
+) -> StaticEngine:
+    """The model's cached engine of this kind (graphs or not, compiled or not) when it fits (batch, length,
+    same parameter tensors and layers), else a new one.
+
+    Capacities only grow, so alternating sizes do not rebuild, except that a graph engine more than twice as
+    long as needed is rebuilt: graphs read the whole length every step.
+    """
+    length = -(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM
+    signature = _signature(model)
+    engines = _ENGINES.setdefault(model, {})
+    kind = (graphs, compile_layers)
+    engine = engines.pop(kind, None)
+    if engine is not None and engine.signature == signature:
+        too_long = graphs and engine.length > 2 * length
+        if engine.batch >= batch and engine.length >= length and not too_long:
+            engines[kind] = engine
+            return engine
+        batch = max(batch, engine.batch)
+        length = length if too_long else max(length, engine.length)
+    engine = None  # free the old buffers before allocating new ones
+    engines[kind] = StaticEngine(model, batch, length, graphs, compile_layers=compile_layers)
+    return engines[kind]
+
+
+def release_engine(model: nn.Module) -> None:
+    """Free the model's static caches and graphs (they are also freed with the model)."""
+    _ENGINES.pop(model, None)
+
+
+def _signature(model: nn.Module) -> tuple:
+    """What an engine is bound to: the parameter tensors (graphs hold their addresses), the layer modules, and
+    the autocast state (it changes the captured kernels and the cache's dtype)."""
+    device = next(model.parameters()).device
+    autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+    return (device, autocast, tuple(p.data_ptr() for p in model.parameters()),
+            tuple(id(layer) for layer in decoder_layers(model)))
+
+
+def device_clock(device: torch.device) -> float:
+    """Wall-clock seconds, after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
