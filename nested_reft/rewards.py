@@ -341,16 +341,19 @@ class _VerifierPool:
 
     def check(self, predicted: str, gold: str, timeout_s: float) -> str:
         """"correct" or "wrong" from math-verify, or why there is no verdict. Waiting for a free worker
-        and the comparison itself share `timeout_s`; starting a new worker does not count against it."""
+        and the comparison itself share `timeout_s`; starting a new worker does not count against it (it has
+        its own bound, `_STARTUP_TIMEOUT_S`): on a loaded machine start-up alone can exceed `timeout_s`, and
+        counting it would turn every symbolic check into a "timeout"."""
         started = time.monotonic()
         try:
             worker = self._slots.get(timeout=timeout_s)
         except queue.Empty:
             return "verifier_busy"
+        remaining = timeout_s - (time.monotonic() - started)  # measured before any start-up
         healthy, reason = False, "verify_error"
         try:
             worker = worker or _Worker()
-            status, value = worker.ask(predicted, gold, timeout_s - (time.monotonic() - started))
+            status, value = worker.ask(predicted, gold, remaining)
             healthy = True
             if status == "ok":
                 reason = "correct" if value else "wrong"
