@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nested_reft.data import Example, load_examples
+from nested_reft.errors import UserError
 from nested_reft.models import load_model
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import DataConfig, RewardConfig
@@ -67,6 +68,16 @@ class EvalReport:
                 "seconds": self.seconds, "tokens_per_sec": self.tokens_per_sec}
 
 
+def check_sampling(samples: int, temperature: float) -> None:
+    """UserError for settings whose metrics would mean nothing: K > 1 greedy samples are K copies of one
+    completion, so pass@k and maj@k would silently equal pass@1."""
+    if samples < 1 or temperature < 0:
+        raise UserError(f"--samples must be >= 1 and --temperature >= 0, found {samples} and {temperature}")
+    if samples > 1 and temperature == 0:
+        raise UserError(f"--samples {samples} at temperature 0 draws {samples} identical greedy completions "
+                        "(pass@k = maj@k = pass@1); pass --temperature > 0, e.g. --temperature 0.7")
+
+
 def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataConfig, *, samples: int = 1,
                       temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
                       reward_cfg: RewardConfig = RewardConfig(), seed: int = 0, batch_size: int = 16,
@@ -115,7 +126,8 @@ def evaluate(model_spec: str, data_spec: str, *, split: str, limit: int | None, 
              max_new_tokens: int, data_cfg: DataConfig, reward_cfg: RewardConfig, dtype: str, device: str,
              seed: int, report_path: Path, on_batch=None) -> dict[str, Any]:
     """Evaluate a model (path, alias or run directory) on a data set; writes the JSON report and, beside it, the
-    per-example JSONL. Returns the report."""
+    per-example JSONL. Returns the report. Bad arguments are UserErrors raised before the model loads."""
+    check_sampling(samples, temperature)
     path = resolve_model_path(model_spec)
     examples = load_examples(data_spec, split=split, limit=limit, seed=seed)
     model, tokenizer = load_model(path, dtype=dtype, device=device)
