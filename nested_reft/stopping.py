@@ -93,13 +93,19 @@ class GracefulStop:
 
 
 class TrainingStopped(Exception):
-    """The training loop stopped on request after checkpointing `step` (at `checkpoint`).
+    """The training loop stopped on request after checkpointing `step` (at `checkpoint`); or, with `step`
+    None, it was interrupted at once (a second signal) and `checkpoint` is the latest complete one.
 
     `exit_code` is 128 + the signal number; the CLI prints the message with how to resume and exits with it.
     """
 
-    def __init__(self, step: int, checkpoint: Path | None, signum: int = signal.SIGTERM):
+    def __init__(self, step: int | None, checkpoint: Path | None, signum: int = signal.SIGTERM):
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
         self.exit_code = exit_code(signum)
-        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint"
-        super().__init__(f"stopped by {signal_name(signum)} after step {step}; {where}")
+        if step is None:
+            where = f"the latest complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint yet"
+            message = f"interrupted by {signal_name(signum)}; {where}"
+        else:
+            where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint"
+            message = f"stopped by {signal_name(signum)} after step {step}; {where}"
+        super().__init__(message)

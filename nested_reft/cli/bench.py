@@ -6,16 +6,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import box
-from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from nested_reft.bench import bench as run_bench
 from nested_reft.bench import plot as draw_plot
+from nested_reft.cli.console import make_console, print_table
 from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides
 from nested_reft.errors import UserError
-from nested_reft.rundir import atomic_write_json
+from nested_reft.preflight import check_skipping
+from nested_reft.rundir import atomic_write_json, ensure_writable
 
 
 def bench(
@@ -36,6 +35,10 @@ def bench(
     cfg = recipe_and_overrides(recipe, overrides)
     ratios = parse_ratios(skip_ratios, "--skip-ratios")
     report = report or Path(cfg.run.output_dir) / "reports" / "bench.json"
+    ensure_writable(report, "--report")
+    if plot:
+        ensure_writable(plot, "--plot")
+    check_skipping(cfg, ratios)
     with Progress(transient=True) as progress:
         task = progress.add_task("bench", total=None)
         result = run_bench(cfg, ratios, repeats=repeats, what=what,
@@ -44,15 +47,13 @@ def bench(
     if plot:
         draw_plot(result, plot)
 
-    table = Table(title=f"bench ({what}): {result['model']} on {result['device']}, {result['num_layers']} layers, "
-                        f"{result['settings']['sequences']} x {result['settings']['completion_length']} tokens",
-                  box=box.SIMPLE)
+    title = (f"bench ({what}): {result['model']} on {result['device']}, {result['num_layers']} layers, "
+             f"{result['settings']['sequences']} x {result['settings']['completion_length']} tokens")
     columns = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "effic."]
     if what == "train":
         columns += ["step s", "gen s", "score s", "train s", "step x"]
-    for name in columns:
-        table.add_column(name, justify="right")
     by_ratio = {c["skip_ratio"]: c for c in result["comparisons"]}
+    rows = []
     for r in result["results"]:
         c = by_ratio.get(r["skip_ratio"]) if r["mode"] == "nested" else None
         ratios = [f"{c[k]:.3f}" for k in ("speedup", "ideal_speedup", "efficiency")] if c else ["1.000", "1.000", "-"]
@@ -61,7 +62,7 @@ def bench(
         if what == "train":
             row += [f"{r[k]:.2f}" for k in ("step_seconds", "generate_seconds", "score_seconds", "train_seconds")]
             row.append(f"{c['step_speedup']:.3f}" if c else "1.000")
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    console.print(f"report: {report}" + (f"   plot: {plot}" if plot else ""))
+        rows.append(row)
+    console = make_console()
+    print_table(console, title, columns, rows, key_columns=2)
+    console.print(f"report: {report}" + (f"   plot: {plot}" if plot else ""), soft_wrap=True, highlight=False)

@@ -12,12 +12,15 @@ rejected and counted, never written with a guessed answer, so training and evalu
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 import re
 import socket
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +30,7 @@ from nested_reft.data.arithmetic import ARITHMETIC, DEFAULT_DIFFICULTY, arithmet
 from nested_reft.data.rows import Example, PrepareSummary, is_project_jsonl, read_examples, subset
 from nested_reft.errors import UserError
 from nested_reft.rewards import parse_gold_answer
-from nested_reft.rundir import atomic_write_json, atomic_write_text
+from nested_reft.rundir import atomic_write_json, atomic_write_text, ensure_writable
 
 if TYPE_CHECKING:  # importing `datasets` costs about a second; only hub and file sources need it
     from datasets import Dataset
@@ -103,6 +106,7 @@ def prepare(source: str, out: Path, **options: Any) -> PrepareSummary:
         raise UserError(f"--out {out}: expected a path ending in .jsonl")
     if Path(source).exists() and Path(source).resolve() == out.resolve():
         raise UserError(f"--out {out}: would overwrite the SOURCE file; choose another path")
+    ensure_writable(out, "--out")  # before a download or a long generation, not after
     examples, summary = load_source(source, **options)
     atomic_write_text(out, "".join(example.to_json() + "\n" for example in examples))
     summary.out = out
@@ -181,9 +185,23 @@ def _import_datasets():
     return datasets
 
 
+@contextlib.contextmanager
+def _quiet_builder_errors() -> Iterator[None]:
+    """The file builders log a parse error at ERROR level before raising it; the raised error becomes our one
+    line, so the log record would only print the same message twice."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load_local(path: Path) -> Dataset:
     """All rows of a local file, read by the `datasets` builder for its type."""
     datasets = _import_datasets()
+    import pyarrow  # a dependency of `datasets`
 
     kind = LOCAL_SUFFIXES.get(path.suffix.lower())
     if kind is None:
@@ -194,8 +212,10 @@ def _load_local(path: Path) -> Dataset:
         raise UserError(f"{path}: no rows")
     builder = datasets.load_dataset_builder(kind, data_files=str(path))
     try:
-        builder.download_and_prepare()
-    except datasets.exceptions.DatasetGenerationError as e:
+        with _quiet_builder_errors():
+            builder.download_and_prepare()
+    # A corrupt parquet file fails in pyarrow before the builder can wrap the error.
+    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as e:
         raise UserError(f"{path}: could not be read as {kind}: {_one_line(e.__cause__ or e)}") from e
     # The builder (what `load_dataset` runs inside) exposes the row count, so a file with no rows (blank
     # lines, a CSV header) is reported as such rather than as "Instruction 'train' corresponds to no data".
