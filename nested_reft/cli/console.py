@@ -39,7 +39,7 @@ def print_table(console: Console, title: str, columns: list[str], rows: list[lis
         else:
             chunks.append([index])
     for n, chunk in enumerate(chunks or [[]]):
-        part = title if n == 0 else f"{title} (continued, {n + 1}/{len(chunks)})"
+        part = title if n == 0 else f"(continued, {n + 1}/{len(chunks)})"
         console.print(_table(part, columns, rows, keys + chunk, table_box))
 
 
@@ -54,5 +54,6 @@ def _table(title: str, columns: list[str], rows: list[list[str]], picked: list[i
 
 def _width(console: Console, title: str, columns: list[str], rows: list[list[str]], picked: list[int],
            table_box: box.Box) -> int:
-    """The width the table would take with nothing wrapped."""
-    return console.measure(_table(title, columns, rows, picked, table_box)).maximum
+    """The width the table would take with nothing wrapped (measured without the console's own width limit)."""
+    unbounded = console.options.update_width(1_000_000)
+    return console.measure(_table(title, columns, rows, picked, table_box), options=unbounded).maximum
