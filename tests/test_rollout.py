@@ -122,7 +122,7 @@ def test_min_new_tokens_masks_eos(tiny_llama, tiny_prompts):
     assert min(lengths(free)) < 6
     forced = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, min_new_tokens=6)
     assert min(lengths(forced)) >= 6
-    assert not set(forced.completion_ids[:, :5].flatten().tolist()) & set(eos)
+    assert not set(forced.completion_ids[:, :6].flatten().tolist()) & set(eos)  # positions 0..5: the first 6 tokens
     fixed = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, min_new_tokens=12)
     assert lengths(fixed) == [12] * len(lengths(fixed))
 
