@@ -82,11 +82,11 @@ def ensure_writable(path: Path, what: str, *, folder: bool = False) -> None:
         raise UserError(f"{what} {path}: cannot create folder {target} ({existing} is a file)")
     try:
         if existing == target:
-            fd, probe = tempfile.mkstemp(dir=existing, prefix=".nested-reft-probe-")
+            fd, probe = tempfile.mkstemp(dir=existing, prefix=".nested-reft-probe-", suffix=".tmp")
             os.close(fd)
             os.unlink(probe)
         else:
-            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".nested-reft-probe-"))
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".nested-reft-probe-", suffix=".tmp"))
     except OSError as e:
         raise UserError(f"{what} {path}: cannot write in {existing} ({_reason(e)})") from None
 
