@@ -16,7 +16,8 @@ from nested_reft.errors import UserError
 from nested_reft.models import EMBEDDED_ALIASES, cache_dir, resolve_device
 from nested_reft.recipe import Recipe
 from nested_reft.rundir import RunDir
-from nested_reft.skipping import CALIBRATION_WEIGHTS_KEY, SkipSampler
+from nested_reft.skip_control import LayerCosts
+from nested_reft.skipping import COST_AWARE, SkipSampler
 from nested_reft.tracking import check_available
 
 
@@ -27,20 +28,21 @@ def check_training(recipe: Recipe) -> None:
     check_skipping(recipe)
 
 
-def check_skipping(recipe: Recipe, ratios: list[float] | None = None) -> None:
+def check_skipping(recipe: Recipe, *, calibrating: bool = False) -> None:
     """The calibration profile is readable, and, when the model's depth can be read from its config, the skip
-    settings fit it (`keep_first + keep_last`, `fixed` layer indices, the profile's depth). `ratios` (bench)
-    replace the recipe's."""
+    settings fit it (`keep_first + keep_last`, `fixed` layer indices, the profile's depth). `calibrating`:
+    for calibrate-skips, which writes the profile rather than reads it and needs one eligible layer at least."""
     cfg = recipe.skipping
-    if cfg.strategy == "calibrated":
-        _check_calibration_file(cfg.calibration_file)
     num_layers = model_num_layers(recipe.model.name_or_path)
-    if num_layers is None:
+    if calibrating:
+        if num_layers is not None and cfg.keep_first + cfg.keep_last >= num_layers:
+            raise UserError(f"skipping.keep_first/keep_last: no eligible layer among {num_layers} "
+                            f"(keep_first={cfg.keep_first}, keep_last={cfg.keep_last})")
         return
-    if ratios is None:
+    if cfg.strategy in COST_AWARE and cfg.calibration_file is not None:
+        _check_calibration_file(cfg.calibration_file, num_layers)
+    if num_layers is not None:
         SkipSampler.from_config(cfg, num_layers, recipe.run.seed)
-    for ratio in ratios or []:
-        SkipSampler(num_layers, ratio=ratio, keep_first=cfg.keep_first, keep_last=cfg.keep_last)
 
 
 def model_num_layers(name_or_path: str) -> int | None:
@@ -66,14 +68,14 @@ def model_num_layers(name_or_path: str) -> int | None:
     return None
 
 
-def _check_calibration_file(path: str | None) -> None:
-    """The profile `calibrate-skips` wrote exists and has its per-layer weights (the depth is checked later)."""
-    try:
-        data = json.loads(Path(str(path)).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"skipping.calibration_file: {path}: no such file (write it with `nested-reft calibrate-skips`)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"skipping.calibration_file: cannot read '{path}' as JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get(CALIBRATION_WEIGHTS_KEY), dict):
-        raise UserError(f"skipping.calibration_file: '{path}' has no \"{CALIBRATION_WEIGHTS_KEY}\" object "
-                        "(expected the report written by `nested-reft calibrate-skips`)")
+def _check_calibration_file(path: str, num_layers: int | None) -> None:
+    """The profile `calibrate-skips` wrote exists and holds per-layer costs (for the model's depth, when known)."""
+    if not Path(path).is_file():
+        raise UserError(f"skipping.calibration_file: {path}: no such file (write it with `nested-reft calibrate-skips`)")
+    if num_layers is None:  # the depth the profile declares, else any: its entries are still checked
+        try:
+            declared = json.loads(Path(path).read_text(encoding="utf-8")).get("num_layers")
+        except (OSError, ValueError, AttributeError):
+            declared = None
+        num_layers = declared if isinstance(declared, int) and declared > 0 else 1_000_000
+    LayerCosts.read(path, num_layers)

@@ -216,8 +216,8 @@ def test_bench_bad_input(case, inputs, no_model, capsys):
 CALIBRATE_BAD = {
     "out-under-a-file": (lambda i: ["--out", f"{i.file}/c.json"], "cannot create folder"),
     "out-is-a-folder": (lambda i: ["--out", str(i.root)], "is a folder"),
-    "keep-more-than-layers": (lambda i: ["--set", "skipping.keep_first=2", "--set", "skipping.keep_last=3"],
-                              "summing to at most 4"),
+    "no-eligible-layer": (lambda i: ["--set", "skipping.keep_first=2", "--set", "skipping.keep_last=2"],
+                          "no eligible layer among 4"),
     "ratio-zero": (lambda i: ["--ratios", "0"], "--ratios: expected ratios in (0, 1)"),
 }
 

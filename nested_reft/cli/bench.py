@@ -38,7 +38,7 @@ def bench(
     ensure_writable(report, "--report")
     if plot:
         ensure_writable(plot, "--plot")
-    check_skipping(cfg, ratios)
+    check_skipping(cfg)
     with Progress(transient=True) as progress:
         task = progress.add_task("bench", total=None)
         result = run_bench(cfg, ratios, repeats=repeats, what=what,

@@ -27,7 +27,7 @@ def calibrate_skips(
     ratio_values = parse_ratios(ratios, "--ratios")
     out = out or Path(cfg.run.output_dir) / "reports" / "calibration.json"
     ensure_writable(out, "--out")
-    check_skipping(cfg, ratio_values)
+    check_skipping(cfg, calibrating=True)
     with Progress() as progress:
         task = progress.add_task("calibrating", total=None)
         report = calibrate(cfg, ratio_values, prompts,

@@ -27,33 +27,35 @@ def make_console(*, stderr: bool = False) -> Console:
 
 
 def print_table(console: Console, title: str, columns: list[str], rows: list[list[str]], *, key_columns: int = 1,
-                table_box: box.Box = box.SIMPLE) -> None:
-    """Print a right-aligned table of strings in full: when it is wider than the console, its columns are split
-    over several tables that each fit, the first `key_columns` repeated in each (a single column too wide for
-    the console wraps its text rather than truncate it)."""
+                table_box: box.Box = box.SIMPLE, left: tuple[str, ...] = ()) -> None:
+    """Print a table of strings in full (right-aligned, but the columns named in `left`): when it is wider than
+    the console, its columns are split over several tables that each fit, the first `key_columns` repeated in
+    each (a single column too wide for the console wraps its text rather than truncate it)."""
     keys, others = list(range(key_columns)), list(range(key_columns, len(columns)))
     chunks: list[list[int]] = []
     for index in others:
-        if chunks and _width(console, title, columns, rows, keys + chunks[-1] + [index], table_box) <= console.width:
+        if chunks and _width(console, title, columns, rows, keys + chunks[-1] + [index], table_box, left) <= console.width:
             chunks[-1].append(index)
         else:
             chunks.append([index])
     for n, chunk in enumerate(chunks or [[]]):
         part = title if n == 0 else f"(continued, {n + 1}/{len(chunks)})"
-        console.print(_table(part, columns, rows, keys + chunk, table_box))
+        console.print(_table(part, columns, rows, keys + chunk, table_box, left))
 
 
-def _table(title: str, columns: list[str], rows: list[list[str]], picked: list[int], table_box: box.Box) -> Table:
+def _table(title: str, columns: list[str], rows: list[list[str]], picked: list[int], table_box: box.Box,
+           left: tuple[str, ...]) -> Table:
     table = Table(title=title, box=table_box)
     for index in picked:
-        table.add_column(columns[index], justify="right", no_wrap=False, overflow="fold")
+        justify = "left" if columns[index] in left else "right"
+        table.add_column(columns[index], justify=justify, no_wrap=False, overflow="fold")
     for row in rows:
         table.add_row(*(row[index] for index in picked))
     return table
 
 
 def _width(console: Console, title: str, columns: list[str], rows: list[list[str]], picked: list[int],
-           table_box: box.Box) -> int:
+           table_box: box.Box, left: tuple[str, ...]) -> int:
     """The width the table would take with nothing wrapped (measured without the console's own width limit)."""
     unbounded = console.options.update_width(1_000_000)
-    return console.measure(_table(title, columns, rows, picked, table_box), options=unbounded).maximum
+    return console.measure(_table(title, columns, rows, picked, table_box, left), options=unbounded).maximum
