@@ -8,11 +8,18 @@ the way the recipe's `skipping.strategy` draws it, and reused across repeats.
 
 speedup = nested tokens/sec / baseline tokens/sec (the median of the per-repeat ratios); the ideal is L / (L - k) (only decoder layers are skipped:
 embedding, LM head and sampling cost the same in both modes, so efficiency = speedup / ideal < 1 is expected).
+
+Precision is the recipe's resolved `model.mixed_precision` (training steps keep `model.dtype` master weights).
+Peak memory is measured per run: on CUDA the allocator's peak, on Linux CPUs the process's peak RSS (VmHWM),
+reset through /proc/self/clear_refs before the rollout and again before the update, so each row shows its
+own peaks (`peak_memory_mb` for the step, `train_peak_memory_mb` for the update alone). RSS counts
+everything the process holds (model, the bench's copy of the initial weights, AdamW states, allocator caches),
+so compare rows with each other rather than reading them as the step's own footprint. `--gradient-checkpointing both` runs every
+mode with and without checkpointing, interleaved like the rest.
 """
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +29,10 @@ import torch
 
 from nested_reft.calibrate import probe_layer_costs
 from nested_reft.data import load_examples
+from nested_reft.errors import UserError
+from nested_reft.memory import set_gradient_checkpointing
 from nested_reft.models import load_model, peak_memory_mb, reset_peak_memory
+from nested_reft.precision import MasterWeights, resolve_runtime
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import Recipe
 from nested_reft.rollout import generate
@@ -32,14 +42,30 @@ from nested_reft.skipping import SkipSampler, decoder_layers
 from nested_reft.trainer import math_reward_fn, optimise, score
 
 Progress = Callable[[str], None]
+GRADIENT_CHECKPOINTING = ("recipe", "on", "off", "both")
 
 
 def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: str = "rollout",
-          progress: Progress = lambda _: None) -> dict[str, Any]:
+          gradient_checkpointing: str = "recipe", progress: Progress = lambda _: None) -> dict[str, Any]:
     """Time rollouts (`what="rollout"`) or whole training steps (`what="train"`) for the full model and each
-    skip ratio; returns the report (see module docstring)."""
+    skip ratio; returns the report (see module docstring).
+
+    Precision is the recipe's (`model.mixed_precision`, resolved). For training steps, `gradient_checkpointing`
+    is "recipe" (the recipe's resolved `train.gradient_checkpointing`), "on", "off", or "both": every mode then
+    runs with and without it, and the report's `gradient_checkpointing` entry compares the baseline's peaks.
+    """
+    if gradient_checkpointing not in GRADIENT_CHECKPOINTING:
+        raise UserError(f"--gradient-checkpointing: expected one of {', '.join(GRADIENT_CHECKPOINTING)}, "
+                        f"found {gradient_checkpointing!r}")
+    if what != "train" and gradient_checkpointing != "recipe":
+        raise UserError("--gradient-checkpointing applies to --what train only (rollouts never checkpoint)")
+    recipe, _ = resolve_runtime(recipe)
+    precision = recipe.model.mixed_precision
     source = resolve_model_path(recipe.model.name_or_path)
-    model, tokenizer = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device)
+    # Training steps need the storage-dtype weights as masters; rollouts only need the compute dtype.
+    model, tokenizer = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device,
+                                  mixed_precision="no" if what == "train" else precision)
+    masters = MasterWeights(model, precision) if what == "train" else None
     device = next(model.parameters()).device
     num_layers = len(decoder_layers(model))
     examples = load_examples(recipe.data.train, split=recipe.data.train_split, limit=recipe.train.prompts_per_step,
@@ -57,76 +83,115 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
         reference = generate(model, prompts, max_new_tokens=length, params=params, eos_token_ids=eos,
                              pad_token_id=tokenizer.pad_token_id, seed=recipe.run.seed)
         sampler.set_costs(probe_layer_costs(model, reference, list(range(len(prompts))), sampler.eligible, params))
-    modes: list[tuple[str, float, tuple[int, ...]]] = [("baseline", 0.0, ())]
+    skip_sets: list[tuple[str, float, tuple[int, ...]]] = [("baseline", 0.0, ())]
     if recipe.skipping.strategy == "fixed":
-        modes.append(("nested", *sampler.sample()))
+        skip_sets.append(("nested", *sampler.sample()))
     else:
-        modes += [("nested", ratio, sampler.sample(ratio)[1]) for ratio in skip_ratios]
+        skip_sets += [("nested", ratio, sampler.sample(ratio)[1]) for ratio in skip_ratios]
+    checkpointing = {"recipe": [bool(recipe.train.gradient_checkpointing)], "on": [True], "off": [False],
+                     "both": [False, True]}[gradient_checkpointing] if what == "train" else [False]
+    modes = [(mode, ratio, skip, gc) for gc in checkpointing for mode, ratio, skip in skip_sets]
 
-    initial = copy.deepcopy(model.state_dict()) if what == "train" else None
+    initial = [p.detach().clone() for p in masters.params] if masters is not None else None
+    # One optimiser for every run, its states zeroed before each (so every update is a fresh AdamW's first
+    # step): the states stay allocated, as in training, instead of being created inside each update's window.
+    optimizer = torch.optim.AdamW(masters.params, lr=recipe.optimizer.lr) if masters is not None else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0) if optimizer is not None else None
     reward_fn = math_reward_fn(recipe)
 
-    def run_once(skip: tuple[int, ...], max_new_tokens: int) -> dict[str, float]:
-        if initial is not None:
-            model.load_state_dict(initial)  # every mode samples and trains from the same weights
-        reset_peak_memory(device)
+    def run_once(skip: tuple[int, ...], max_new_tokens: int, gc: bool) -> dict[str, float]:
+        if masters is not None:  # every mode samples and trains from the same weights
+            with torch.no_grad():
+                for p, value in zip(masters.params, initial):
+                    p.copy_(value)
+            masters.copy_to_model()
+            set_gradient_checkpointing(model, gc)
+            for state in optimizer.state.values():
+                for value in state.values():
+                    value.zero_()
+        resettable = reset_peak_memory(device)
         start = time.perf_counter()
         rollout = generate(model, prompts, num_generations=recipe.rollout.num_generations,
                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, params=params,
                            eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, skip=skip, seed=recipe.run.seed)
         sample = {"tokens_per_sec": rollout.tokens_per_second, "prefill_seconds": rollout.prefill_seconds,
-                  "decode_seconds": rollout.decode_seconds, "tokens": rollout.tokens_generated}
+                  "decode_seconds": rollout.decode_seconds, "tokens": rollout.tokens_generated,
+                  "peak_memory_mb": peak_memory_mb(device)}
         if what == "train":
             generated = time.perf_counter()
             batch = score(rollout, examples, tokenizer, reward_fn, recipe.rollout.num_generations,
                           recipe.objective.scale_rewards)
             scored = time.perf_counter()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.optimizer.lr)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-            optimise(model, None, optimizer, scheduler, batch, recipe, params, skip_zero_advantage=False)
+            if resettable:  # the update's own peak (activations, gradients, optimiser states), rollout excluded
+                reset_peak_memory(device)
+            optimise(model, None, optimizer, scheduler, batch, recipe, params, masters, skip_zero_advantage=False)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             done = time.perf_counter()
+            train_peak = peak_memory_mb(device)
             sample |= {"generate_seconds": generated - start, "score_seconds": scored - generated,
-                       "train_seconds": done - scored, "step_seconds": done - start}
-        sample["peak_memory_mb"] = peak_memory_mb(device)
+                       "train_seconds": done - scored, "step_seconds": done - start,
+                       "train_peak_memory_mb": train_peak,
+                       "peak_memory_mb": max(sample["peak_memory_mb"], train_peak)}
         return sample
 
     progress("warm-up")
-    run_once((), min(8, length))
+    run_once((), min(8, length), checkpointing[0])
     samples: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(modes))}
     for r in range(repeats):
         # ABBA order: every other repeat runs the modes backwards, so a drift in machine speed during a
         # repeat does not always favour the modes that run first.
         order = list(range(len(modes)))[:: 1 if r % 2 == 0 else -1]
         for i in order:
-            mode, ratio, skip = modes[i]
-            progress(f"repeat {r + 1}/{repeats}: {mode} {ratio:.2f}")
-            samples[i].append(run_once(skip, length))
+            mode, ratio, skip, gc = modes[i]
+            progress(f"repeat {r + 1}/{repeats}: {mode} {ratio:.2f}" + (f" gc {'on' if gc else 'off'}"
+                                                                       if len(checkpointing) > 1 else ""))
+            samples[i].append(run_once(skip, length, gc))
 
     results = []
-    for i, (mode, ratio, skip) in enumerate(modes):
+    for i, (mode, ratio, skip, gc) in enumerate(modes):
         medians = {key: statistics.median(s[key] for s in samples[i]) for key in samples[i][0] if key != "tokens"}
         results.append({"mode": mode, "skip_ratio": ratio, "skipped_layers": list(skip), **medians,
-                        "tokens_per_sec_repeats": [s["tokens_per_sec"] for s in samples[i]]})
-    base = results[0]
+                        "tokens_per_sec_repeats": [s["tokens_per_sec"] for s in samples[i]],
+                        **({"gradient_checkpointing": gc} if what == "train" else {})})
     comparisons = []
-    for i, result in enumerate(results[1:], start=1):
-        ideal = num_layers / (num_layers - len(result["skipped_layers"]))
+    for i, (mode, ratio, skip, gc) in enumerate(modes):
+        if mode == "baseline":
+            continue
+        base = modes.index(("baseline", 0.0, (), gc))  # the baseline with the same checkpointing
+        ideal = num_layers / (num_layers - len(skip))
         # The median of per-repeat ratios: each pair ran back to back, so slow phases of the machine cancel.
-        speedup = statistics.median(n["tokens_per_sec"] / b["tokens_per_sec"] for n, b in zip(samples[i], samples[0]))
-        entry = {"skip_ratio": result["skip_ratio"], "num_skipped": len(result["skipped_layers"]),
-                 "speedup": speedup, "ideal_speedup": ideal, "efficiency": speedup / ideal}
+        speedup = statistics.median(n["tokens_per_sec"] / b["tokens_per_sec"]
+                                    for n, b in zip(samples[i], samples[base]))
+        entry = {"skip_ratio": ratio, "num_skipped": len(skip), "speedup": speedup, "ideal_speedup": ideal,
+                 "efficiency": speedup / ideal}
         if what == "train":
             entry["step_speedup"] = statistics.median(b["step_seconds"] / n["step_seconds"]
-                                                      for n, b in zip(samples[i], samples[0]))
+                                                      for n, b in zip(samples[i], samples[base]))
+            entry["gradient_checkpointing"] = gc
         comparisons.append(entry)
-    return {"model": source, "device": describe_device(device), "num_layers": num_layers, "what": what,
-            "settings": {"sequences": len(prompts) * recipe.rollout.num_generations, "completion_length": length,
-                         "repeats": repeats, "temperature": params.temperature, "dtype": recipe.model.dtype,
-                         "strategy": recipe.skipping.strategy,
-                         "seed": recipe.run.seed},
-            "results": results, "comparisons": comparisons}
+    report = {"model": source, "device": describe_device(device), "num_layers": num_layers, "what": what,
+              "settings": {"sequences": len(prompts) * recipe.rollout.num_generations, "completion_length": length,
+                           "repeats": repeats, "temperature": params.temperature, "dtype": recipe.model.dtype,
+                           "mixed_precision": precision, "strategy": recipe.skipping.strategy,
+                           "seed": recipe.run.seed,
+                           "peak_memory": peak_memory_method(device)},
+              "results": results, "comparisons": comparisons}
+    if len(checkpointing) > 1:
+        off, on = (results[modes.index(("baseline", 0.0, (), gc))] for gc in (False, True))
+        report["gradient_checkpointing"] = {
+            key: {"off": off[key], "on": on[key], "on_over_off": on[key] / off[key]}
+            for key in ("train_peak_memory_mb", "peak_memory_mb", "train_seconds")}
+    return report
+
+
+def peak_memory_method(device: torch.device) -> str:
+    """How `peak_memory_mb` was measured on this device, for the report."""
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated, reset before each rollout and each update"
+    if reset_peak_memory(device):
+        return "process peak RSS (VmHWM), reset via /proc/self/clear_refs before each rollout and each update"
+    return "process peak RSS since start (not resettable here): every row shows the largest so far"
 
 
 def describe_device(device: torch.device) -> str:
@@ -143,7 +208,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = report["results"]
+    first = report["results"][0].get("gradient_checkpointing")  # with `both`, plot the first setting's rows
+    results = [r for r in report["results"] if r.get("gradient_checkpointing") == first]
     base = results[0]["tokens_per_sec"]
     L = report["num_layers"]
     ratios = [r["skip_ratio"] for r in results]

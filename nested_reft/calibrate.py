@@ -28,6 +28,7 @@ from nested_reft.data import load_examples
 from nested_reft.errors import UserError
 from nested_reft.models import load_model
 from nested_reft.objective import completion_hidden_states, completion_log_probs, correction_stats
+from nested_reft.precision import resolve_runtime
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import Recipe
 from nested_reft.rollout import Rollout, generate
@@ -156,7 +157,9 @@ def calibrate(recipe: Recipe, ratios: list[float], num_prompts: int, progress: P
     if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
         raise UserError(f"--ratios: expected values in (0, 1), found {ratios}")
     source = resolve_model_path(recipe.model.name_or_path)
-    model, tokenizer = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device)
+    recipe, _ = resolve_runtime(recipe)
+    model, tokenizer = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device,
+                                  mixed_precision=recipe.model.mixed_precision)
     num_layers = len(decoder_layers(model))
     skipping = recipe.skipping
     eligible = list(range(skipping.keep_first, num_layers - skipping.keep_last))
@@ -206,4 +209,5 @@ def calibrate(recipe: Recipe, ratios: list[float], num_prompts: int, progress: P
                      "ess": stats["ess"], "tokens_per_sec": skip_tps, "full_tokens_per_sec": full_tps,
                      "speedup": skip_tps / full_tps, "ideal_speedup": num_layers / (num_layers - len(skip))})
     return {"model": source, "num_layers": num_layers, "eligible_layers": eligible, "num_prompts": len(prompts),
-            "max_completion_length": length, "sampling": asdict(params), "layers": layers, "ratios": rows}
+            "max_completion_length": length, "sampling": asdict(params),
+            "mixed_precision": recipe.model.mixed_precision, "layers": layers, "ratios": rows}

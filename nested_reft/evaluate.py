@@ -15,7 +15,8 @@ from typing import Any
 
 from nested_reft.data import Example, load_examples
 from nested_reft.errors import UserError
-from nested_reft.models import load_model
+from nested_reft.models import load_model, resolve_device
+from nested_reft.precision import resolve_mixed_precision
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import DataConfig, RewardConfig
 from nested_reft.rewards import answers_match, math_reward
@@ -124,16 +125,19 @@ def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataC
 
 def evaluate(model_spec: str, data_spec: str, *, split: str, limit: int | None, samples: int, temperature: float,
              max_new_tokens: int, data_cfg: DataConfig, reward_cfg: RewardConfig, dtype: str, device: str,
-             seed: int, report_path: Path, on_batch=None) -> dict[str, Any]:
+             seed: int, report_path: Path, mixed_precision: str = "no", on_batch=None) -> dict[str, Any]:
     """Evaluate a model (path, alias or run directory) on a data set; writes the JSON report and, beside it, the
-    per-example JSONL. Returns the report. Bad arguments are UserErrors raised before the model loads."""
+    per-example JSONL. Returns the report. `mixed_precision` (auto | no | bf16 | fp16) is the compute dtype. Bad
+    arguments are UserErrors raised before the model loads."""
     check_sampling(samples, temperature)
     path = resolve_model_path(model_spec)
+    precision, _ = resolve_mixed_precision(mixed_precision, resolve_device(device))  # fails before any loading
     examples = load_examples(data_spec, split=split, limit=limit, seed=seed)
-    model, tokenizer = load_model(path, dtype=dtype, device=device)
+    model, tokenizer = load_model(path, dtype=dtype, device=device, mixed_precision=precision)
     result = evaluate_examples(model, tokenizer, examples, data_cfg, samples=samples, temperature=temperature,
                                max_new_tokens=max_new_tokens, reward_cfg=reward_cfg, seed=seed, on_batch=on_batch)
     report = result.to_dict(model=path, data=data_spec)
+    report["settings"] |= {"dtype": dtype, "mixed_precision": precision}
     atomic_write_json(report_path, report)
     atomic_write_text(report_path.with_suffix(".examples.jsonl"),
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))

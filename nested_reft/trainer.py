@@ -34,6 +34,7 @@ from nested_reft.data import Example, load_examples
 from nested_reft.errors import UserError
 from nested_reft.evaluate import evaluate_examples
 from nested_reft.health import TrainingHealth
+from nested_reft.memory import set_gradient_checkpointing
 from nested_reft.models import load_model, peak_memory_mb
 from nested_reft.objective import (
     CorrectionConfig,
@@ -44,6 +45,7 @@ from nested_reft.objective import (
     group_advantages,
     policy_loss,
 )
+from nested_reft.precision import MasterWeights, resolve_runtime, sampler_mismatch
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import Recipe
 from nested_reft.rewards import math_reward
@@ -148,7 +150,7 @@ def score(rollout: Rollout, examples: list[Example], tokenizer, reward_fn: Rewar
 
 
 def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recipe: Recipe, params: SamplingParams,
-             *, skip_zero_advantage: bool = True) -> dict[str, Any]:
+             masters: MasterWeights | None = None, *, skip_zero_advantage: bool = True) -> dict[str, Any]:
     """`num_iterations` passes of clipped, importance-corrected policy-gradient updates over one batch.
 
     No update without signal: with beta = 0 every term of a row's loss is multiplied by its advantage, so a
@@ -165,8 +167,13 @@ def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recip
     (nothing has been updated yet), which saves a forward unless there are several passes. With the empty
     skip set the behavior policy *is* pi_old, so lp_b is taken to be lp_old: the sampler's KV-cached log-probs
     differ from a full forward only by float rounding (~1e-7), and baseline ReFT must be exactly on-policy
-    (rho = 1) rather than carry that noise into every correction.
+    (rho = 1) rather than carry that noise into every correction; that noise is logged, over the trained rows,
+    as `sampler_lp_abs_diff` / `sampler_lp_bias` (larger in bf16).
+
+    `masters` (`precision.MasterWeights`; None: the optimiser holds the model's own parameters) receives the
+    gradients, is clipped and stepped, then written back into the model.
     """
+    masters = MasterWeights(model, "no") if masters is None else masters
     obj, mb = recipe.objective, recipe.train.micro_batch_size
     r = batch.rollout
     device = r.completion_ids.device
@@ -216,13 +223,13 @@ def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recip
             loss, info = policy_loss(lp, old, advantages[rows], w, mask[rows], loss_cfg,
                                      lp_ref=None if lp_ref is None else lp_ref[rows],
                                      num_sequences=n_seq, num_tokens=n_tok)
-            loss.backward()
+            masters.backward(loss)
             loss_sum += loss.item()
             clip_sum += info["clip_frac"] * int(mask[rows].sum())
             kl_sum += info.get("kl", 0.0) * int(mask[rows].sum())
         if len(train_rows):
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optimizer.max_grad_norm))
-        optimizer.step()
+            grad_norm = masters.clip_grad_norm_(recipe.optimizer.max_grad_norm)  # on the (fp32) masters
+        masters.step(optimizer)  # then masters -> model
         scheduler.step()
     model.eval()
 
@@ -233,6 +240,9 @@ def optimise(model, ref_model, optimizer, scheduler, batch: ScoredRollout, recip
     stats = correction_stats(correction_weights(lp_old, lp_b, known, correction), lp_old, lp_b, known)
     stats.update(loss=loss_sum, grad_norm=grad_norm, clip_frac=clip_sum / max(1, n_tok),
                  trained_sequences=len(train_rows), update_skipped=not len(train_rows))
+    measured = mask & trained[:, None]  # on-policy, lp_old exists for the trained rows
+    if not off_policy and bool(measured.any()):
+        stats.update(sampler_mismatch(r.behavior_log_probs, lp_old, measured))  # what lp_b := lp_old hid
     if ref_model is not None:
         stats["kl_ref"] = kl_sum / max(1, n_tok)  # mean k3 KL to the frozen reference
     return stats
@@ -247,15 +257,20 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
                                         seed=recipe.run.seed), recipe.run.seed)
     eval_examples = (load_examples(data.eval, split=data.eval_split, limit=data.eval_limit, seed=recipe.run.seed)
                      if data.eval and recipe.train.eval_every else [])
+    recipe, _ = resolve_runtime(recipe)  # `auto` precision/checkpointing resolved: recipe.yaml records what ran
     run = RunDir.open(Path(recipe.run.output_dir), recipe.to_yaml(), resume=resume, overwrite=overwrite)
     checkpoint = run.latest_checkpoint() if resume else None
     torch.manual_seed(recipe.run.seed)
 
     source = resolve_model_path(recipe.model.name_or_path)
     model, tokenizer = load_model(str(checkpoint or source), dtype=recipe.model.dtype, device=recipe.model.device)
+    # The model computes in the compute dtype; the optimiser holds model.dtype masters (checkpoints store them).
+    masters = MasterWeights(model, recipe.model.mixed_precision)
+    set_gradient_checkpointing(model, recipe.train.gradient_checkpointing)
     ref_model = None
     if recipe.objective.beta > 0:  # the frozen reference is the starting policy, loaded only when used
-        ref_model, _ = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device)
+        ref_model, _ = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device,
+                                  mixed_precision=recipe.model.mixed_precision)
         ref_model.requires_grad_(False)
     device = next(model.parameters()).device
 
@@ -266,7 +281,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
     health = TrainingHealth(recipe)
     reward_fn = reward_fn or math_reward_fn(recipe)
     opt = recipe.optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    optimizer = torch.optim.AdamW(masters.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
     total_updates = recipe.train.steps * recipe.objective.num_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, total_updates, opt.schedule))
     params = SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p)
@@ -278,6 +293,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
         state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        masters.load_state_dict(state.get("precision", {}))
         stream.load_state_dict(state["data"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
@@ -287,11 +303,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
 
     def save(step: int) -> None:
         def write(folder: Path) -> None:
-            model.save_pretrained(folder, safe_serialization=True)
+            masters.save_pretrained(folder, safe_serialization=True)
             tokenizer.save_pretrained(folder)
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "data": stream.state_dict(), "sampler": sampler.state_dict(),
-                        "torch_rng": torch.get_rng_state()}, folder / TRAINER_STATE)
+                        "torch_rng": torch.get_rng_state(), "precision": masters.state_dict()}, folder / TRAINER_STATE)
 
         run.save_checkpoint(step, write, keep_last=recipe.train.keep_last)
 
@@ -315,7 +331,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
         t2 = time.perf_counter()
         batch = score(rollout, examples, tokenizer, reward_fn, group_size, recipe.objective.scale_rewards)
         t3 = time.perf_counter()
-        stats = optimise(model, ref_model, optimizer, scheduler, batch, recipe, params)
+        stats = optimise(model, ref_model, optimizer, scheduler, batch, recipe, params, masters)
         control = sampler.observe(skip, stats["kl_mu_pi"])
         t4 = time.perf_counter()
 

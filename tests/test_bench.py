@@ -110,6 +110,41 @@ def test_bench_output_redirected_to_a_file(tmp_path):
 
 
 
+def test_bench_train_reports_precision_and_memory_with_and_without_checkpointing(tmp_path):
+    """`--gradient-checkpointing both` runs every mode both ways; the report says the precision, how peak memory
+    was measured, and compares the baseline's peaks (a tiny model's activations are too small for RSS to order
+    them, so only the shape is checked here; see the README for SmolLM2's figures)."""
+    model = write_tiny_model(tmp_path / "model", num_layers=4)
+    data = write_examples(tmp_path / "train.jsonl", 8)
+    report = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench", "--skip-ratios", "0.25", "--repeats", "1", "--what", "train", "--gradient-checkpointing", "both",
+        "--report", str(report), "--set", f"model.name_or_path={model}", "--set", f"data.train={data}",
+        "--set", "data.chat_template=false", "--set", "data.system_prompt=null", "--set", "model.device=cpu",
+        "--set", "model.mixed_precision=bf16", "--set", "rollout.max_completion_length=4",
+        "--set", "train.prompts_per_step=2",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "precision: bf16 compute, float32 master weights" in result.output
+    out = json.loads(report.read_text())
+    assert out["settings"]["mixed_precision"] == "bf16" and "VmHWM" in out["settings"]["peak_memory"]
+    assert [(r["mode"], r["gradient_checkpointing"]) for r in out["results"]] == [
+        ("baseline", False), ("nested", False), ("baseline", True), ("nested", True)]
+    assert all(r["train_peak_memory_mb"] > 0 and r["peak_memory_mb"] >= r["train_peak_memory_mb"]
+               for r in out["results"])
+    assert [c["gradient_checkpointing"] for c in out["comparisons"]] == [False, True]
+    gc = out["gradient_checkpointing"]
+    assert set(gc) == {"train_peak_memory_mb", "peak_memory_mb", "train_seconds"}
+    assert gc["train_seconds"]["on_over_off"] == pytest.approx(gc["train_seconds"]["on"] / gc["train_seconds"]["off"])
+
+
+def test_bench_rejects_checkpointing_for_rollouts_and_fp16_on_cpu(tmp_path):
+    for args, message in [(["--what", "rollout", "--gradient-checkpointing", "on"], "--what train only"),
+                          (["--set", "model.mixed_precision=fp16", "--set", "model.device=cpu"], "fp16 needs a CUDA")]:
+        result = CliRunner().invoke(app, ["bench", "--set", f"model.name_or_path={tmp_path / 'absent'}", *args])
+        assert result.exit_code != 0 and message in str(result.exception or result.output)
+
+
 @pytest.mark.parametrize("strategy", ["fixed", "contiguous", "calibrated", "adaptive"])
 def test_bench_draws_skip_sets_the_way_the_recipe_does(tmp_path, strategy):
     model = write_tiny_model(tmp_path / "model", num_layers=8)

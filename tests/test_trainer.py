@@ -56,6 +56,10 @@ def target_id(model_dir):
         pytest.param(["skipping.ratio=0.25", "objective.correction=seq_mask", "objective.mask_low=0.2",
                       "objective.mask_high=5.0"], id="skip-seq_mask"),
         pytest.param(["skipping.ratio=0.25", "objective.correction=retrace"], id="skip-retrace"),
+        pytest.param(["skipping.ratio=0.0", "objective.correction=none", "model.mixed_precision=bf16"],
+                     id="baseline-bf16"),
+        pytest.param(["skipping.ratio=0.25", "objective.correction=token_tis", "model.mixed_precision=bf16",
+                      "train.gradient_checkpointing=true"], id="skip-token_tis-bf16-checkpointing"),
         pytest.param(["skipping.strategy=adaptive", "skipping.target_kl=0.5"], id="adaptive-token_tis"),
     ],
 )
@@ -76,8 +80,17 @@ def test_policy_learns_a_rewarded_first_token(tiny_run_inputs, tmp_path, overrid
     if "skipping.ratio=0.25" in overrides:
         assert all(len(r["skipped_layers"]) == 1 for r in rows)  # round(0.25 * 4) = 1 of the 2 eligible layers
         assert all(r["kl_mu_pi"] != 0.0 for r in rows)  # the behavior model really differs from the policy
+        assert all("sampler_lp_abs_diff" not in r for r in rows)  # only measured when nothing is skipped
     elif "skipping.ratio=0.0" in overrides:
         assert all(r["kl_mu_pi"] == 0.0 and r["weight_min"] == r["weight_max"] == 1.0 for r in rows)  # on-policy
+        # What the substitution lp_b := lp_old hides: rounding in float32 (measured ~1e-6), more in bf16. It is
+        # measured on the trained rows, so a step where no group had reward signal has none.
+        mismatch = [r["sampler_lp_abs_diff"] for r in rows if "sampler_lp_abs_diff" in r]
+        assert len(mismatch) >= len(rows) // 2
+        if "model.mixed_precision=bf16" in overrides:
+            assert all(0 < m < 0.1 for m in mismatch)
+        else:
+            assert all(m < 1e-4 for m in mismatch)
     else:
         assert any(r["skipped_layers"] for r in rows)  # adaptive: it did skip while learning
 
@@ -128,14 +141,17 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("num_examples, stop_after", [(10, 2), (8, 2)], ids=["mid-epoch", "at-epoch-boundary"])
-def test_resume_is_bit_identical(tiny_run_inputs, tmp_path, num_examples, stop_after):
+@pytest.mark.parametrize("num_examples, stop_after, precision", [
+    (10, 2, []), (8, 2, []), (10, 2, ["model.mixed_precision=bf16", "train.gradient_checkpointing=true"]),
+], ids=["mid-epoch", "at-epoch-boundary", "mid-epoch-bf16-checkpointing"])
+def test_resume_is_bit_identical(tiny_run_inputs, tmp_path, num_examples, stop_after, precision):
     """Stop after `stop_after` steps, resume, and end with exactly the weights of an uninterrupted run.
-    With 8 examples and 4 prompts per step, step 2 ends exactly at the end of the first epoch."""
+    With 8 examples and 4 prompts per step, step 2 ends exactly at the end of the first epoch. In bf16 the
+    checkpoint holds the float32 masters, so the resumed run continues from exactly the same state."""
     model_dir, _ = tiny_run_inputs
     data = write_examples(tmp_path / "train.jsonl", num_examples)
     common = ["train.steps=4", "train.save_every=1", "skipping.ratio_range=[0.0, 0.5]", "optimizer.warmup_steps=2",
-              "optimizer.schedule=cosine"]
+              "optimizer.schedule=cosine", *precision]
     reward = starts_with_target(target_id(model_dir))
 
     full = train(tiny_recipe(model_dir, data, tmp_path / "full", *common), reward_fn=reward)
@@ -216,6 +232,37 @@ def test_resume_before_the_first_checkpoint_starts_over(tiny_run_inputs, tmp_pat
     run = train(recipe, resume=True, reward_fn=reward)
     assert [r["step"] for r in run.read_metrics()] == [1, 2, 3]
     assert [p.name for p in run.checkpoints()] == ["step-3"]
+
+
+# -- precision --------------------------------------------------------------------------------------------------
+
+
+def test_bf16_run_keeps_updates_of_lr_1e_7_and_records_the_resolved_precision(tiny_run_inputs, tmp_path, monkeypatch):
+    """`auto` on a CPU with native bf16 (probes patched) trains in bf16: recipe.yaml records bf16, and the
+    checkpoint holds float32 masters that moved under lr 1e-7, mostly by less than bf16 could represent."""
+    from nested_reft import precision
+
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: True)
+    model_dir, data = tiny_run_inputs
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=2", "model.mixed_precision=auto",
+                         "optimizer.lr=1e-7", "skipping.ratio=0.0", "train.save_every=2")
+    run = train(recipe, reward_fn=lambda _t, ids, _e: (float(ids[0] % 2), False))  # rewards differ within groups
+    written = run.recipe_path.read_text()
+    assert "mixed_precision: bf16" in written and "gradient_checkpointing: false" in written
+    start = load_file(model_dir / "model.safetensors")
+    end = load_file(run.latest_checkpoint() / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in end.values())
+    moved = {k: (end[k] - start[k]).abs() for k in start}
+    assert sum(int((d > 0).sum()) for d in moved.values()) > 0.5 * sum(d.numel() for d in moved.values())
+    # Each weight moved by at most ~2 lr (two Adam steps), which for most weights is under half a bf16 spacing
+    # (2^(floor(log2 |w|) - 8)): bf16 weights updated directly would have rounded those moves away.
+    assert max(float(d.max()) for d in moved.values()) < 3e-7
+    lost_in_bf16 = sum(int(((d > 0) & (d < 2.0 ** (torch.floor(torch.log2(start[k].abs())) - 8))).sum())
+                       for k, d in moved.items())
+    assert lost_in_bf16 > 0.5 * sum(d.numel() for d in moved.values())
+    rows = run.read_metrics()
+    assert all(r["weight_min"] == r["weight_max"] == 1.0 for r in rows)  # baseline stays exactly on-policy
+    assert all(r["sampler_lp_abs_diff"] > 0 for r in rows)
 
 
 # -- components -----------------------------------------------------------------------------------------------------

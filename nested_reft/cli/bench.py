@@ -11,7 +11,7 @@ from rich.progress import Progress
 from nested_reft.bench import bench as run_bench
 from nested_reft.bench import plot as draw_plot
 from nested_reft.cli.console import make_console, print_table
-from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides
+from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides, show_precision
 from nested_reft.errors import UserError
 from nested_reft.preflight import check_skipping
 from nested_reft.rundir import atomic_write_json, ensure_writable
@@ -26,6 +26,9 @@ def bench(
     what: str = typer.Option("rollout", help="'rollout' (generation only) or 'train' (whole step)."),
     report: Optional[Path] = typer.Option(None, help="JSON report. Default: <run.output_dir>/reports/bench.json."),
     plot: Optional[Path] = typer.Option(None, help="Also draw tokens/sec against skip ratio to this PNG."),
+    gradient_checkpointing: str = typer.Option(
+        "recipe", help="--what train: 'recipe' (train.gradient_checkpointing), 'on', 'off', or 'both' (every mode "
+        "with and without; compares peak memory)."),
 ) -> None:
     """The same rollouts (or training steps) with the full model and with each skip ratio, side by side."""
     if compare != "baseline":
@@ -39,30 +42,39 @@ def bench(
     if plot:
         ensure_writable(plot, "--plot")
     check_skipping(cfg)
+    console = make_console()
+    show_precision(console, cfg)
     with Progress(transient=True) as progress:
         task = progress.add_task("bench", total=None)
-        result = run_bench(cfg, ratios, repeats=repeats, what=what,
+        result = run_bench(cfg, ratios, repeats=repeats, what=what, gradient_checkpointing=gradient_checkpointing,
                            progress=lambda stage: progress.update(task, description=stage))
     atomic_write_json(report, result)
     if plot:
         draw_plot(result, plot)
 
     title = (f"bench ({what}): {result['model']} on {result['device']}, {result['num_layers']} layers, "
-             f"{result['settings']['sequences']} x {result['settings']['completion_length']} tokens")
+             f"{result['settings']['sequences']} x {result['settings']['completion_length']} tokens, "
+             f"precision {result['settings']['mixed_precision']}")
     columns = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "effic."]
     if what == "train":
-        columns += ["step s", "gen s", "score s", "train s", "step x"]
-    by_ratio = {c["skip_ratio"]: c for c in result["comparisons"]}
+        columns += ["step s", "gen s", "score s", "train s", "step x", "train MB", "gc"]
+    by_ratio = {(c["skip_ratio"], c.get("gradient_checkpointing")): c for c in result["comparisons"]}
     rows = []
     for r in result["results"]:
-        c = by_ratio.get(r["skip_ratio"]) if r["mode"] == "nested" else None
+        c = by_ratio.get((r["skip_ratio"], r.get("gradient_checkpointing"))) if r["mode"] == "nested" else None
         ratios = [f"{c[k]:.3f}" for k in ("speedup", "ideal_speedup", "efficiency")] if c else ["1.000", "1.000", "-"]
         row = [r["mode"], f"{r['skip_ratio']:.2f}", str(len(r["skipped_layers"])), f"{r['tokens_per_sec']:.1f}",
                f"{r['prefill_seconds']:.2f}", f"{r['decode_seconds']:.2f}", f"{r['peak_memory_mb']:.0f}", *ratios]
         if what == "train":
             row += [f"{r[k]:.2f}" for k in ("step_seconds", "generate_seconds", "score_seconds", "train_seconds")]
             row.append(f"{c['step_speedup']:.3f}" if c else "1.000")
+            row += [f"{r['train_peak_memory_mb']:.0f}", "on" if r["gradient_checkpointing"] else "off"]
         rows.append(row)
-    console = make_console()
     print_table(console, title, columns, rows, key_columns=2)
+    if "gradient_checkpointing" in result:
+        gc = result["gradient_checkpointing"]
+        peak, seconds = gc["train_peak_memory_mb"], gc["train_seconds"]
+        console.print(f"gradient checkpointing (baseline): update peak {peak['off']:.0f} -> {peak['on']:.0f} MB, "
+                      f"update time x{seconds['on_over_off']:.2f}"
+                      f"  [{result['settings']['peak_memory']}]", highlight=False, soft_wrap=True)
     console.print(f"report: {report}" + (f"   plot: {plot}" if plot else ""), soft_wrap=True, highlight=False)

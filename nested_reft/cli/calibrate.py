@@ -10,7 +10,7 @@ from rich.progress import Progress
 
 from nested_reft.calibrate import calibrate
 from nested_reft.cli.console import make_console, print_table
-from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides
+from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides, show_precision
 from nested_reft.preflight import check_skipping
 from nested_reft.rundir import atomic_write_json, ensure_writable
 
@@ -28,7 +28,9 @@ def calibrate_skips(
     out = out or Path(cfg.run.output_dir) / "reports" / "calibration.json"
     ensure_writable(out, "--out")
     check_skipping(cfg, calibrating=True)
-    with Progress() as progress:
+    console = make_console()
+    show_precision(console, cfg)
+    with Progress(console=console) as progress:
         task = progress.add_task("calibrating", total=None)
         report = calibrate(cfg, ratio_values, prompts,
                            progress=lambda stage: progress.update(task, advance=1, description=stage))
@@ -41,7 +43,6 @@ def calibrate_skips(
              f"{r['rho_mean']:.3f}", f"{r['rho_p95']:.3f}", f"{r['rho_max']:.1f}", f"{r['ess']:.3f}",
              f"{r['tokens_per_sec']:.1f}", f"{r['full_tokens_per_sec']:.1f}", f"{r['speedup']:.2f}",
              f"{r['ideal_speedup']:.2f}"] for r in report["ratios"]]
-    console = make_console()
     print_table(console, title, columns, rows)
     cheapest = sorted(report["layers"], key=lambda e: e["kl"])[:5]
     console.print("cheapest layers to skip (KL): " + ", ".join(f"{e['layer']} ({e['kl']:.4f})" for e in cheapest),

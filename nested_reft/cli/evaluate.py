@@ -10,7 +10,7 @@ from rich import box
 from rich.progress import Progress
 
 from nested_reft.cli.console import make_console, print_table
-from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides
+from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
 from nested_reft.evaluate import check_sampling
 from nested_reft.evaluate import evaluate as run_evaluation
 from nested_reft.rundir import ensure_writable, resolve_model_path
@@ -43,20 +43,22 @@ def evaluate(
         ensure_writable(path.with_suffix(".examples.jsonl"), "--report")
     check_sampling(samples, temperature)
     results = []
-    with Progress(transient=True) as progress:
+    console = make_console()
+    show_precision(console, cfg)
+    with Progress(transient=True, console=console) as progress:
         for spec, path in jobs:
             task = progress.add_task(f"evaluate {spec}", total=None)
             results.append(run_evaluation(
                 spec, data_spec, split=split or cfg.data.eval_split,
                 limit=limit if limit is not None else cfg.data.eval_limit, samples=samples, temperature=temperature,
                 max_new_tokens=max_new_tokens or cfg.rollout.max_completion_length, data_cfg=cfg.data,
-                reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device, seed=cfg.run.seed,
+                reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device,
+                mixed_precision=cfg.model.mixed_precision, seed=cfg.run.seed,
                 report_path=path, on_batch=lambda n, task=task: progress.advance(task, n),
             ))
     result = results[0]
     rows = [[spec, *(f"{v:.3f}" for v in r["metrics"].values()), f"{r['tokens_per_sec']:.1f}", f"{r['seconds']:.1f}"]
             for (spec, _), r in zip(jobs, results)]
-    console = make_console()
     print_table(console, f"evaluate on {result['data']} (n={result['n']})",
                 ["model", *result["metrics"], "tokens/sec", "seconds"], rows, left=("model",),
                 table_box=box.HEAVY_HEAD)

@@ -31,3 +31,11 @@ def parse_ratios(text: str, flag: str) -> list[float]:
     if not values or any(not 0.0 < v < 1.0 for v in values):
         raise UserError(f"{flag}: expected ratios in (0, 1), found {text!r}")
     return values
+
+
+def show_precision(console, cfg) -> None:
+    """Print the resolved precision (and the notice when `auto` fell back); UserError for an impossible choice."""
+    from nested_reft.precision import resolve_runtime
+
+    for line in resolve_runtime(cfg)[1]:
+        console.print(line, highlight=False, soft_wrap=True)

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nested_reft.cli.console import make_console
-from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides
+from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
 from nested_reft.errors import UserError
 from nested_reft.preflight import check_training
 from nested_reft.recipe import Recipe
@@ -33,6 +33,7 @@ def train(
     cfg = recipe_and_overrides(recipe, overrides)
     check_training(cfg)
     console = make_console()
+    show_precision(console, cfg)
     tracker = _StepTracker(cfg)
     try:
         if console.is_terminal:

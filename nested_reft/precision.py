@@ -1,0 +1,346 @@
+"""Mixed precision: the dtype the model computes in, and fp32 master weights so that no update is lost.
+
+Two recipe fields, two roles:
+
+- `model.dtype` is the *storage* dtype: the weights as loaded, held by the optimiser (the master weights) and
+  saved in checkpoints;
+- `model.mixed_precision` (`auto | no | bf16 | fp16`, accelerate's names) is the *compute* dtype of every
+  forward and backward: rollouts, log-probs, evaluation.
+
+`float32` + `bf16` (the recommended pairing where bf16 is native) computes in bf16 and keeps float32 masters:
+the model's parameters are cast to bf16 *in place* (so the sampler, the loss and evaluation run the bf16
+model with nothing re-cast per decode step), and `MasterWeights` keeps the float32 originals, which are what
+AdamW updates (its states are float32 too). Gradients are added into the float32 master gradients after
+every backward, clipping and the step happen on the masters, and the masters are written back to the bf16
+model (rounded to nearest) after each step. An update of lr 1e-6 on a weight of 0.05 is 4e-5 of bf16's
+resolution there (2^-12 ~ 2.4e-4): without masters it would round away every step; with them it accumulates
+and reaches the bf16 weight once it is worth a bf16 step. `bfloat16` + anything is pure bf16 (weights and
+optimiser in bf16, small updates lost): the user's explicit choice. Memory per parameter with masters:
+2 B (bf16 weight) + 4 B (master) + 4 B (master grad) + 8 B (AdamW), against 4 + 4 + 8 in float32.
+
+Log-softmax, log-probs, importance ratios, advantages and losses are float32 whatever the compute dtype:
+`sampling.process_logits` upcasts logits before the softmax and the objective works on its float32 outputs.
+
+fp16 needs loss scaling (its range is too small for gradients): `MasterWeights` then multiplies the loss by a
+dynamic scale (halved and the step skipped when a gradient overflows, doubled after `growth_interval` clean
+steps, as torch's GradScaler does). fp16 is accepted on CUDA only; bf16 has float32's range and needs none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nested_reft.errors import UserError
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# /proc/cpuinfo flags of CPUs that compute bf16 matmuls natively (Intel AMX, and AVX-512 BF16 on Intel/AMD).
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+# -- what the hardware does natively ----------------------------------------------------------------------------------
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16), by torch's probes or /proc/cpuinfo.
+
+    Without either, torch emulates bf16 matmuls: measured on a 2-core AVX2 EPYC, a SmolLM2-135M forward and
+    backward takes 25x longer in bf16 than in float32.
+    """
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None),
+              getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    if any(probe is not None and probe() for probe in probes):
+        return True
+    return bool(set(NATIVE_BF16_CPU_FLAGS) & _cpuinfo_flags())
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cuda_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device computes bf16 natively (compute capability 8.0, Ampere, and later)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+# -- the policy -------------------------------------------------------------------------------------------------------
+
+
+def resolve_mixed_precision(choice: str, device: torch.device) -> tuple[str, str | None]:
+    """('no' | 'bf16' | 'fp16', a one-line notice or None) for the recipe's `choice` on `device`.
+
+    `auto` is bf16 where the hardware computes it natively (a CUDA device with bf16, a CPU with AMX-BF16 or
+    AVX512-BF16), else `no`, with a notice saying why. An explicit choice the device cannot run is a UserError
+    (fp16 on CPU; bf16 on a CUDA device without it); explicit bf16 on a CPU that only emulates it runs, with a
+    notice that it is slow. Cheap and model-free: callers resolve before anything is loaded.
+    """
+    if choice not in MIXED_PRECISION:
+        raise UserError(f"model.mixed_precision: expected one of {', '.join(MIXED_PRECISION)}, found {choice!r}")
+    cuda = device.type == "cuda"
+    native = cuda_bf16(device) if cuda else cpu_native_bf16()
+    if choice == "auto":
+        if native:
+            return "bf16", None
+        where = "this CUDA device has no native bf16" if cuda else "this CPU has no AMX-BF16 or AVX512-BF16"
+        return "no", f"mixed_precision auto: {where}; computing in float32"
+    if choice == "fp16" and not cuda:
+        raise UserError("model.mixed_precision: fp16 needs a CUDA device; on CPU use bf16 (or no)")
+    if choice == "bf16" and cuda and not native:
+        raise UserError("model.mixed_precision: this CUDA device has no native bf16; use fp16 or no")
+    if choice == "bf16" and not native:
+        return "bf16", ("mixed_precision bf16: this CPU has no AMX-BF16 or AVX512-BF16, so bf16 is emulated "
+                        "(much slower than float32)")
+    return choice, None
+
+
+def describe(mode: str, storage_dtype: str) -> str:
+    """The start-up line: what computes in which dtype and what the optimiser holds."""
+    if mode == "no" or _DTYPE_NAMES[mode] == storage_dtype:
+        return f"precision: {storage_dtype} compute and weights" + (
+            " (pure low precision: small updates are lost)" if storage_dtype != "float32" else "")
+    return f"precision: {mode} compute, {storage_dtype} master weights and optimiser states"
+
+
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_runtime(recipe: Any) -> tuple[Any, list[str]]:
+    """A copy of the recipe with its hardware-dependent `auto` values resolved for its device
+    (`model.mixed_precision` -> no | bf16 | fp16, `train.gradient_checkpointing` -> true | false), and the lines to
+    show at start: the precision, and the notice when a choice fell back or will be slow. UserError for a choice
+    the device cannot run. Loads nothing, so it runs before any model does."""
+    from nested_reft.memory import resolve_gradient_checkpointing
+    from nested_reft.models import resolve_device
+
+    device = resolve_device(recipe.model.device)
+    mode, notice = resolve_mixed_precision(recipe.model.mixed_precision, device)
+    resolved = recipe.model_copy(deep=True)
+    resolved.model.mixed_precision = mode
+    resolved.train.gradient_checkpointing = resolve_gradient_checkpointing(recipe.train.gradient_checkpointing, device)
+    return resolved, [describe(mode, recipe.model.dtype), *([notice] if notice else [])]
+
+
+def cast_for_inference(model: torch.nn.Module, mode: str, *, fp32_head: bool = True) -> torch.nn.Module:
+    """Cast the model to `mode`'s compute dtype in place for inference (no masters: nothing trains).
+
+    See `cast_to_compute`; 'no' leaves the model as it is.
+    """
+    dtype = COMPUTE_DTYPES[mode]
+    if dtype is not None:
+        cast_to_compute(model, dtype, fp32_head=fp32_head)
+    return model
+
+
+def cast_to_compute(model: torch.nn.Module, dtype: torch.dtype, *,
+                    fp32_head: bool = True) -> list[torch.nn.Parameter]:
+    """Cast the model's floating-point parameters to `dtype` in place; returns those left in float32.
+
+    Buffers keep their dtype (the rotary inverse frequencies must stay float32 for exact positions). With
+    `fp32_head` the LM head keeps float32 weights (with a tied input embedding, that one weight) and computes
+    float32 logits from upcast hidden states, and the embedding's output is cast down to `dtype`: bf16 logits
+    carry ~3 significant digits (0.06 at a logit of 16), which measured on SmolLM2-135M was most of the
+    sampler-vs-trainer log-prob mismatch (see benchmarks/precision_choice.py). The head is one matmul per
+    token, so this costs little next to the decoder.
+    """
+    head = model.get_output_embeddings() if fp32_head and hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if head is not None else None
+    kept = {id(p) for p in head.parameters()} if head is not None else set()
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and id(p) not in kept:
+            p.data = p.data.to(dtype)
+    if head is None:
+        return []
+    if not getattr(head, "_nested_reft_fp32", False):  # hooks once, even if the model is cast twice
+        # The head's own dtype: float32 normally; bf16 when the weights were stored in bf16 (pure bf16).
+        head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+        if any(id(p) in kept for p in embedding.parameters()):  # tied: the embedding's output must be cast down
+            embedding.register_forward_hook(lambda _module, _args, output: output.to(dtype))
+        head._nested_reft_fp32 = True
+    return [p for p in model.parameters() if id(p) in kept]
+
+
+# -- master weights ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LossScale:
+    """GradScaler's dynamic loss scale, for fp16."""
+
+    scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    clean_steps: int = 0
+
+
+class MasterWeights:
+    """The model computes in `mode`'s dtype; the optimiser updates master copies in the storage dtype.
+
+    Construction casts the model's floating-point parameters to the compute dtype in place (`cast_to_compute`:
+    the LM head stays float32 with `fp32_head`, and is then its own master) and keeps their previous tensors
+    as the masters (no copy). Use `params` for the optimiser, `backward(loss)` instead of
+    `loss.backward()`, `clip_grad_norm_` on the masters, and `step(optimizer)`, which steps and writes the
+    masters back into the model. Each backward's low-precision gradient is added into the master's float32
+    gradient as soon as it is ready (a post-accumulate hook), so accumulation over micro-batches is float32.
+
+    Pass-through when there is nothing to do (`mode` 'no', or parameters already in the compute dtype):
+    `params` are the model's own and every method is the plain operation, except fp16 loss scaling, which
+    applies whenever the compute dtype is float16.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str, *, fp32_head: bool = True):
+        if mode not in COMPUTE_DTYPES:
+            raise ValueError(f"mode must be one of {tuple(COMPUTE_DTYPES)}, got {mode!r}")
+        self.model, self.mode = model, mode
+        self.compute_dtype = COMPUTE_DTYPES[mode]
+        self._pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []  # (model param, master)
+        self.params: list[torch.nn.Parameter] = []
+        self._hooks = []
+        originals = {id(p): p.data for p in model.parameters()}
+        if self.compute_dtype is not None:
+            cast_to_compute(model, self.compute_dtype, fp32_head=fp32_head)
+        for p in model.parameters():
+            original = originals[id(p)]
+            if p.dtype == original.dtype:  # not cast (already in the compute dtype, or the float32 head)
+                self.params.append(p)
+                continue
+            master = torch.nn.Parameter(original, requires_grad=p.requires_grad)
+            self._pairs.append((p, master))
+            self.params.append(master)
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook_for(master)))
+        self._loss_scale = _LossScale() if self.compute_dtype == torch.float16 else None
+        self._unscaled = False
+        self._found_inf = False
+
+    @property
+    def active(self) -> bool:
+        """Whether masters are kept (the model computes in a lower precision than the optimiser holds)."""
+        return bool(self._pairs)
+
+    @property
+    def loss_scale(self) -> float:
+        return self._loss_scale.scale if self._loss_scale else 1.0
+
+    @staticmethod
+    def _hook_for(master: torch.nn.Parameter):
+        def to_master(p: torch.Tensor) -> None:
+            # Move this backward's gradient into the float32 accumulator and free the low-precision one.
+            if master.grad is None:
+                master.grad = p.grad.to(master.dtype)
+            else:
+                master.grad.add_(p.grad)
+            p.grad = None
+
+        return to_master
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, with the loss multiplied by the dynamic scale under fp16."""
+        self._unscaled = False
+        (loss * self._loss_scale.scale if self._loss_scale else loss).backward()
+
+    def _unscale(self) -> None:
+        if self._loss_scale and not self._unscaled:
+            inverse = 1.0 / self._loss_scale.scale
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(inverse)
+        self._unscaled = True
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Unscale (fp16), then clip the masters' gradients to `max_norm`; returns the total norm before
+        clipping (inf or nan when a gradient overflowed: `step` then skips the update)."""
+        self._unscale()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        self._found_inf = not math.isfinite(norm)
+        return norm
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """`optimizer.step()` on the masters, then masters -> model (rounded to nearest in the compute dtype).
+
+        Under fp16 a step whose gradients overflowed is skipped (returns False) and the scale halves.
+        """
+        self._unscale()
+        if self._loss_scale:
+            if not self._found_inf:
+                self._found_inf = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.params)
+            if self._found_inf:
+                optimizer.zero_grad(set_to_none=True)
+                self._loss_scale.scale *= self._loss_scale.backoff_factor
+                self._loss_scale.clean_steps = 0
+                self._found_inf = self._unscaled = False
+                return False
+            self._loss_scale.clean_steps += 1
+            if self._loss_scale.clean_steps % self._loss_scale.growth_interval == 0:
+                self._loss_scale.scale *= self._loss_scale.growth_factor
+        optimizer.step()
+        self.copy_to_model()
+        self._found_inf = self._unscaled = False
+        return True
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Write every master into its model parameter, rounded to the compute dtype."""
+        for p, master in self._pairs:
+            p.copy_(master)
+
+    @contextmanager
+    def masters_in_model(self) -> Iterator[torch.nn.Module]:
+        """Temporarily make the model's parameters *be* the masters (storage dtype), e.g. to save them."""
+        saved = [p.data for p, _ in self._pairs]
+        try:
+            for p, master in self._pairs:
+                p.data = master.data
+            yield self.model
+        finally:
+            for (p, _), data in zip(self._pairs, saved):
+                p.data = data
+
+    def save_pretrained(self, folder: Path, **kwargs: Any) -> None:
+        """`model.save_pretrained` of the masters: the exact weights the optimiser holds, in the storage dtype
+        (config.json's `dtype` says so), loadable with `from_pretrained` and resumed bit for bit."""
+        with self.masters_in_model() as model:
+            model.save_pretrained(folder, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loss-scale state (fp16); empty otherwise. The masters themselves are saved as the checkpoint."""
+        return dict(vars(self._loss_scale)) if self._loss_scale else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._loss_scale and state:
+            self._loss_scale = _LossScale(**state)
+
+    def remove_hooks(self) -> None:
+        """Stop routing gradients to the masters (the masters object is being discarded)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+
+# -- sampler vs trainer --------------------------------------------------------------------------------------------
+
+
+def sampler_mismatch(lp_sampler: torch.Tensor, lp_old: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the sampler's log-probs (KV cache, token by token) are from the trainer's (one full forward) for
+    the same weights and tokens, over valid tokens: `sampler_lp_abs_diff` = mean |lp_b - lp_old| and
+    `sampler_lp_bias` = mean(lp_b - lp_old) (a Monte-Carlo KL(sampler || trainer) estimate, >= 0 in expectation).
+
+    Only meaningful when nothing was skipped; the trainer then uses lp_old as lp_b (rho = 1 exactly), and these
+    say what that substitution hides: ~1e-6 in float32, a few 1e-2 nats per token in bf16.
+    """
+    diff = (lp_sampler.detach().float() - lp_old.detach().float())[mask.bool()]
+    return {"sampler_lp_abs_diff": diff.abs().mean().item(), "sampler_lp_bias": diff.mean().item()}
