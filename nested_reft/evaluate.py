@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nested_reft.data import Example, load_examples
+from nested_reft.errors import UserError
 from nested_reft.models import load_model, resolve_device
 from nested_reft.precision import resolve_mixed_precision
 from nested_reft.prompts import encode_prompts, eos_token_ids
@@ -68,6 +69,16 @@ class EvalReport:
                 "seconds": self.seconds, "tokens_per_sec": self.tokens_per_sec}
 
 
+def check_sampling(samples: int, temperature: float) -> None:
+    """UserError for settings whose metrics would mean nothing: K > 1 greedy samples are K copies of one
+    completion, so pass@k and maj@k would silently equal pass@1."""
+    if samples < 1 or temperature < 0:
+        raise UserError(f"--samples must be >= 1 and --temperature >= 0, found {samples} and {temperature}")
+    if samples > 1 and temperature == 0:
+        raise UserError(f"--samples {samples} at temperature 0 draws {samples} identical greedy completions "
+                        "(pass@k = maj@k = pass@1); pass --temperature > 0, e.g. --temperature 0.7")
+
+
 def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataConfig, *, samples: int = 1,
                       temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
                       reward_cfg: RewardConfig = RewardConfig(), seed: int = 0, batch_size: int = 16,
@@ -118,7 +129,9 @@ def evaluate(model_spec: str, data_spec: str, *, split: str, limit: int | None, 
              seed: int, report_path: Path, mixed_precision: str = "no", on_batch=None, kv_cache: str = "dynamic",
              cuda_graphs: str = "auto") -> dict[str, Any]:
     """Evaluate a model (path, alias or run directory) on a data set; writes the JSON report and, beside it, the
-    per-example JSONL. Returns the report. `mixed_precision` (auto | no | bf16 | fp16) is the compute dtype."""
+    per-example JSONL. Returns the report. `mixed_precision` (auto | no | bf16 | fp16) is the compute dtype. Bad
+    arguments are UserErrors raised before the model loads."""
+    check_sampling(samples, temperature)
     path = resolve_model_path(model_spec)
     precision, _ = resolve_mixed_precision(mixed_precision, resolve_device(device))  # fails before any loading
     examples = load_examples(data_spec, split=split, limit=limit, seed=seed)

@@ -5,7 +5,11 @@ train). Every field has a default, so a recipe only states what differs. Names f
 users already know them (`num_generations`, `epsilon`, `beta`, `loss_type`, `scale_rewards`, ...).
 
 Validation is pydantic's; this module only turns its errors into one line naming the file, the dotted field
-path, what was expected and what was found, with a "did you mean" for misspelt keys. Command-line overrides
+path, what was expected and what was found, with a "did you mean" for misspelt keys. Every constraint that the
+recipe alone decides is checked here, when it loads, so a bad value never waits for a model to load before it
+fails. What depends on the model (`keep_first + keep_last` against its number of layers, `fixed` layer indices
+past its last layer, a calibration profile for another depth) can only be checked once the model's config is
+known: `nested_reft.preflight` does that from `config.json` when it can, the skip sampler otherwise. Command-line overrides
 (`--set train.steps=3`) are parsed as YAML scalars and merged before validation, so they are typed exactly
 like the field they set.
 """
@@ -21,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nested_reft.errors import UserError
 
-
+ReportTo = Literal["tensorboard", "wandb"]
 
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, assignments are validated."""
@@ -30,13 +34,14 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    output_dir: str = Field("runs/quickstart", description="The run directory (recipe, metrics, checkpoints, reports).")
+    output_dir: str = Field("runs/quickstart", min_length=1, description="The run directory (recipe, metrics, checkpoints, reports).")
     seed: int = Field(0, description="Seeds data order, skip sets, sampling and initialisation.")
 
 
 class ModelConfig(Section):
     name_or_path: str = Field(
         "smollm2-135m-instruct",
+        min_length=1,
         description="Embedded alias, local Hugging Face folder, .gguf file, run directory or hub id.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -59,7 +64,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field("arithmetic", description="Project JSONL file, or a prepare-data SOURCE prepared in memory.")
+    train: str = Field("arithmetic", min_length=1, description="Project JSONL file, or a prepare-data SOURCE prepared in memory.")
     train_split: str = "train"
     train_limit: int | None = Field(None, ge=1)
     eval: str | None = Field("arithmetic", description="Evaluation set (same forms as `train`); null disables eval.")
@@ -74,9 +79,13 @@ class DataConfig(Section):
 
 
 class RolloutConfig(Section):
-    num_generations: int = Field(4, ge=1, description="Completions per prompt (the GRPO group size G).")
+    num_generations: int = Field(
+        4, ge=2, description="Completions per prompt (the GRPO group size G); advantages compare a group, so G >= 2."
+    )
     max_completion_length: int = Field(128, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(
+        1.0, gt=0.0, description="> 0: greedy sampling (0) would make the G completions of a prompt identical."
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     kv_cache: Literal["dynamic", "static"] = Field(
@@ -132,11 +141,19 @@ class SkippingConfig(Section):
             raise ValueError("strategy 'adaptive' chooses the ratio itself; bound it with `ratio_range` instead of `ratio`")
         return self
 
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layer_indices(cls, layers: list[int] | None) -> list[int] | None:
+        # Indices past the model's last layer are checked when its depth is known (preflight / SkipSampler).
+        if layers is not None and (any(i < 0 for i in layers) or len(set(layers)) != len(layers)):
+            raise ValueError(f"layers must be distinct layer indices >= 0, found {layers}")
+        return layers
+
 
 class ObjectiveConfig(Section):
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    epsilon: float = Field(0.2, gt=0.0)
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip: ratios are clipped to [1 - epsilon, ...].")
     epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip (DAPO clip-higher); null: epsilon.")
     beta: float = Field(0.0, ge=0.0, description="KL-to-reference weight (k3); the reference loads only when > 0.")
     num_iterations: int = Field(1, ge=1, description="Optimisation passes over each batch of rollouts.")
@@ -146,6 +163,12 @@ class ObjectiveConfig(Section):
     mask_high: float = Field(2.0, gt=0.0, description="Upper bound of token_mask / seq_mask.")
     retrace_lambda: float = Field(1.0, ge=0.0, le=1.0)
     logprob_chunk_size: int = Field(1024, ge=1, description="Token rows per lm_head chunk when computing log-probs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ObjectiveConfig:
+        if self.mask_low > self.mask_high:
+            raise ValueError(f"mask_low must be <= mask_high, found {self.mask_low} > {self.mask_high}")
+        return self
 
 
 class RewardConfig(Section):
@@ -157,10 +180,17 @@ class RewardConfig(Section):
 class OptimizerConfig(Section):
     lr: float = Field(1e-6, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2), each in [0, 1).")
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: float = Field(1.0, gt=0.0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must each be in [0, 1), found {list(betas)}")
+        return betas
 
 
 class TrainConfig(Section):
@@ -171,12 +201,25 @@ class TrainConfig(Section):
     keep_last: int = Field(2, ge=1)
     eval_every: int = Field(0, ge=0, description="Evaluate on data.eval every N steps (0: never during training).")
     log_rollouts_every: int = Field(10, ge=0, description="Save sampled completions every N steps (0: never).")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="Stop with an error after this many steps in a row whose loss or gradient is not finite."
+    )
+    report_to: list[ReportTo] = Field(
+        default_factory=list, description="Experiment trackers fed each metrics row: tensorboard, wandb (extras)."
+    )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
         description="Recompute decoder layers' activations in backward: activation memory of one layer instead of "
         "all, for about one more forward per update. auto: on with CUDA, off on CPU. Run directories record the "
         "resolved value.",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _distinct_trackers(cls, report_to: list[str]) -> list[str]:
+        if len(set(report_to)) != len(report_to):
+            raise ValueError(f"report_to names a tracker twice: {report_to}")
+        return report_to
 
 
 class Recipe(Section):
@@ -189,6 +232,13 @@ class Recipe(Section):
     reward: RewardConfig = RewardConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.train.eval_every and self.data.eval is None:
+            raise ValueError(f"train.eval_every={self.train.eval_every} needs data.eval, which is null "
+                             "(set data.eval, or train.eval_every=0)")
+        return self
 
     def to_yaml(self) -> str:
         """The resolved recipe, every field included, as the run directory stores it."""
@@ -207,10 +257,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: recipe file not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(_read_text(path))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
@@ -224,6 +272,24 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as e:
         raise UserError(_describe(where, e, overrides)) from None
+
+
+def _read_text(path: Path) -> str:
+    """The recipe file's text; anything that is not a readable UTF-8 text file is a one-line UserError."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected a recipe YAML file")
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    if b"\0" in data:  # valid UTF-8 can hold NUL bytes; YAML text never does
+        raise UserError(f"{path}: is a binary file, not a YAML recipe")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the recipe as UTF-8") from None
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -255,8 +321,17 @@ def _describe(where: str, error: ValidationError, overrides: list[str]) -> str:
     found = err.get("input")
     message = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
     if err["type"] == "value_error":
-        return f"{where}: {field}{origin}: {message}"
-    return f"{where}: {field}{origin}: {message}, found {found!r}"
+        return f"{where}: {message}" if not loc else f"{where}: {field}{origin}: {message}"
+    why = f" ({_WHY[field]})" if field in _WHY else ""
+    return f"{where}: {field}{origin}: {message}, found {found!r}{why}"
+
+
+# Why a bound exists, for the bounds a user may not expect.
+_WHY = {
+    "rollout.num_generations": "group advantages compare the G completions of a prompt, so G >= 2",
+    "rollout.temperature": "greedy sampling would make the G completions of a prompt identical",
+    "objective.epsilon": "the clip range [1 - epsilon, 1 + epsilon_high] needs 1 - epsilon > 0",
+}
 
 
 def _suggest(loc: list[str]) -> str:

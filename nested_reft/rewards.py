@@ -341,16 +341,19 @@ class _VerifierPool:
 
     def check(self, predicted: str, gold: str, timeout_s: float) -> str:
         """"correct" or "wrong" from math-verify, or why there is no verdict. Waiting for a free worker
-        and the comparison itself share `timeout_s`; starting a new worker does not count against it."""
+        and the comparison itself share `timeout_s`; starting a new worker does not count against it (it has
+        its own bound, `_STARTUP_TIMEOUT_S`): on a loaded machine start-up alone can exceed `timeout_s`, and
+        counting it would turn every symbolic check into a "timeout"."""
         started = time.monotonic()
         try:
             worker = self._slots.get(timeout=timeout_s)
         except queue.Empty:
             return "verifier_busy"
+        remaining = timeout_s - (time.monotonic() - started)  # measured before any start-up
         healthy, reason = False, "verify_error"
         try:
             worker = worker or _Worker()
-            status, value = worker.ask(predicted, gold, timeout_s - (time.monotonic() - started))
+            status, value = worker.ask(predicted, gold, remaining)
             healthy = True
             if status == "ok":
                 reason = "correct" if value else "wrong"
@@ -404,6 +407,13 @@ def _serve() -> None:
     os.dup2(2, 1)  # stray prints from libraries go to stderr instead of corrupting the replies
     # math-verify warns that its signal-based timeout is off; the parent process enforces the bound.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    # The first comparison builds math-verify's parsers (about half a second): done now, it is part of the
+    # start-up, which has its own bound, and the first real check is timed like every other one.
+    try:
+        verify(parse("$\\frac{1}{2} + x$", parsing_timeout=None), parse("$x + 0.5$", parsing_timeout=None),
+               timeout_seconds=None)
+    except Exception:  # a warm-up that fails only leaves the cost to the first check
+        pass
     replies.write('"ready"\n')
     replies.flush()
     for line in sys.stdin:

@@ -1,7 +1,10 @@
 """`bench` on a tiny model: report keys, fair fixed-length work, and the plot."""
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -9,6 +12,29 @@ from typer.testing import CliRunner
 from nested_reft.cli.main import app
 
 from .tiny import write_examples, write_tiny_model
+
+
+COLUMNS = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "effic."]
+TRAIN_COLUMNS = ["step s", "gen s", "score s", "train s", "step x"]
+
+
+def assert_table_in_full(output, report, what):
+    """Every header and every value of the table is in the output whole: nothing cut to `m…`."""
+    assert "…" not in output
+    for header in COLUMNS + (TRAIN_COLUMNS if what == "train" else []):
+        assert header in output, header
+    by_ratio = {c["skip_ratio"]: c for c in report["comparisons"]}
+    for r in report["results"]:
+        values = [r["mode"], f"{r['skip_ratio']:.2f}", f"{r['tokens_per_sec']:.1f}", f"{r['prefill_seconds']:.2f}",
+                  f"{r['decode_seconds']:.2f}", f"{r['peak_memory_mb']:.0f}"]
+        if r["mode"] == "nested":
+            c = by_ratio[r["skip_ratio"]]
+            values += [f"{c['speedup']:.3f}", f"{c['ideal_speedup']:.3f}", f"{c['efficiency']:.3f}"]
+            values += [f"{c['step_speedup']:.3f}"] if what == "train" else []
+        if what == "train":
+            values += [f"{r[k]:.2f}" for k in ("step_seconds", "generate_seconds", "score_seconds", "train_seconds")]
+        for value in values:
+            assert value in output, (value, output)
 
 
 @pytest.mark.parametrize("what", ["rollout", "train"])
@@ -41,6 +67,45 @@ def test_bench_report_and_plot(tmp_path, what):
     if what == "train":
         assert all(r["step_seconds"] >= r["generate_seconds"] for r in out["results"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_table_in_full(result.output, out, what)  # CliRunner's output is not a terminal: like a log file
+
+
+@pytest.mark.parametrize("columns", ["40", "80"])
+def test_bench_table_in_a_narrow_terminal_is_split_not_truncated(tmp_path, columns):
+    model = write_tiny_model(tmp_path / "model", num_layers=6)
+    data = write_examples(tmp_path / "train.jsonl", 4)
+    report = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench", "--skip-ratios", "0.5", "--repeats", "1", "--what", "train", "--report", str(report),
+        "--set", f"model.name_or_path={model}", "--set", f"data.train={data}", "--set", "data.chat_template=false",
+        "--set", "data.system_prompt=null", "--set", "model.device=cpu", "--set", "rollout.max_completion_length=3",
+        "--set", "train.prompts_per_step=1", "--set", "rollout.num_generations=2",
+    ], env={"COLUMNS": columns})
+    assert result.exit_code == 0, result.output
+    table_lines = [line for line in result.output.splitlines() if not line.startswith("report: ")]
+    assert max(map(len, table_lines)) <= int(columns)
+    assert "(continued, 2/" in result.output
+    assert_table_in_full(result.output, json.loads(report.read_text()), "train")
+
+
+def test_bench_output_redirected_to_a_file(tmp_path):
+    """The real command, stdout redirected to a file as in a batch job: rich would lay it out 80 columns wide."""
+    model = write_tiny_model(tmp_path / "model", num_layers=6)
+    data = write_examples(tmp_path / "train.jsonl", 4)
+    report, log = tmp_path / "bench.json", tmp_path / "bench.log"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, "-m", "nested_reft.cli.main", "bench", "--skip-ratios", "0.5",
+                               "--repeats", "1", "--what", "train", "--report", str(report),
+                               "--set", f"model.name_or_path={model}", "--set", f"data.train={data}",
+                               "--set", "data.chat_template=false", "--set", "data.system_prompt=null",
+                               "--set", "model.device=cpu", "--set", "rollout.max_completion_length=3",
+                               "--set", "train.prompts_per_step=1", "--set", "rollout.num_generations=2"],
+                              stdout=f, stderr=subprocess.PIPE, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    output = log.read_text()
+    assert "(continued" not in output  # one table: a log is laid out wide
+    assert_table_in_full(output, json.loads(report.read_text()), "train")
 
 
 

@@ -3,9 +3,12 @@
 import itertools
 import json
 from math import comb
+from types import SimpleNamespace
 
 import pytest
 
+import nested_reft.evaluate as evaluate_module
+from nested_reft.errors import UserError
 from nested_reft.evaluate import evaluate, majority_correct, pass_at_k
 from nested_reft.recipe import load_recipe
 
@@ -70,3 +73,67 @@ def test_evaluate_compare_reports_both_models_on_the_same_problems(tmp_path, cap
     ours, theirs = json.loads(report.read_text()), json.loads((tmp_path / "eval.compare.json").read_text())
     assert (ours["model"], theirs["model"]) == (str(first), str(second))
     assert ours["n"] == theirs["n"] == 3 and ours["settings"] == theirs["settings"]
+
+
+# -- metrics on answers that are sometimes right: completions scripted, everything else real ----------------------
+
+# Gold answer -> the 4 completions "sampled" for it; counted by hand below.
+SCRIPT = {
+    "7": ["#### 7", "#### 8", "#### 7", "#### 9"],  # 2 correct; majority 7 (2 votes): right
+    "3": ["#### 3", "#### 5", "#### 5", "w1 w2"],  # 1 correct; majority 5 (2 votes): wrong
+    "4": ["#### 6", "w2", "#### 6", "#### 6"],  # 0 correct; majority 6: wrong
+}
+HAND = {"pass@1": (2 / 4 + 1 / 4 + 0 / 4) / 3, "pass@k": (1 + 1 + 0) / 3, "maj@k": (1 + 0 + 0) / 3}
+
+
+def scripted_generate(tokenizer, completions):
+    """A stand-in for the rollout engine that "samples" the given texts, in order, K per prompt."""
+    queue = list(completions)
+
+    def generate(model, prompts, *, num_generations, **_):
+        texts = [queue.pop(0) for _ in range(len(prompts) * num_generations)]
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return SimpleNamespace(completions=lambda: ids, tokens_generated=sum(map(len, ids)), prefill_seconds=0.01,
+                               decode_seconds=0.01)
+
+    return generate
+
+
+def test_pass_at_k_and_maj_at_k_on_answers_that_are_sometimes_right(tmp_path, monkeypatch):
+    model_dir = write_tiny_model(tmp_path / "model", extra_words=("####", *"0123456789"))
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"w{i} w3", "answer": gold, "source": "t"}) + "\n"
+                            for i, gold in enumerate(SCRIPT)))
+    _, tokenizer = evaluate_module.load_model(str(model_dir), device="cpu")
+    monkeypatch.setattr(evaluate_module, "generate",
+                        scripted_generate(tokenizer, [c for cs in SCRIPT.values() for c in cs]))
+    recipe = load_recipe(None, ["data.chat_template=false", "data.system_prompt=null"])
+    report_path = tmp_path / "eval.json"
+    report = evaluate(str(model_dir), str(data), split="test", limit=None, samples=4, temperature=1.0,
+                      max_new_tokens=4, data_cfg=recipe.data, reward_cfg=recipe.reward, dtype="float32",
+                      device="cpu", seed=0, report_path=report_path)
+    assert report["metrics"] == pytest.approx(HAND)
+    rows = [json.loads(line) for line in report_path.with_suffix(".examples.jsonl").read_text().splitlines()]
+    assert [sum(r["correct"]) for r in rows] == [2, 1, 0]
+    assert rows[1]["predicted"] == ["3", "5", "5", None]
+
+
+def test_pass_at_k_below_k_is_the_unbiased_estimate():
+    """k < n: pass@2 from 4 samples with 1 correct is 1 - C(3,2)/C(4,2) = 1/2, not 1."""
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)
+
+
+@pytest.mark.parametrize("samples, temperature", [(4, 0.0), (0, 1.0), (1, -0.5)])
+def test_meaningless_sampling_settings_are_refused_before_loading(tmp_path, monkeypatch, samples, temperature):
+    def no_model(*_, **__):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(evaluate_module, "load_model", no_model)
+    recipe = load_recipe(None)
+    with pytest.raises(UserError, match="--samples") as e:
+        evaluate("no-such-model", "arithmetic", split="test", limit=2, samples=samples, temperature=temperature,
+                 max_new_tokens=4, data_cfg=recipe.data, reward_cfg=recipe.reward, dtype="float32", device="cpu",
+                 seed=0, report_path=tmp_path / "r.json")
+    if samples == 4:
+        assert "identical greedy completions" in str(e.value) and "--temperature" in str(e.value)

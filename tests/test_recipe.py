@@ -3,10 +3,17 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nested_reft.errors import UserError
-from nested_reft.recipe import Recipe, load_recipe
+from nested_reft.objective import CorrectionConfig, LossConfig, group_advantages
+from nested_reft.recipe import ObjectiveConfig, Recipe, load_recipe
+from nested_reft.skipping import SkipSampler
+
+CORRECTIONS = list(ObjectiveConfig.model_fields["correction"].annotation.__args__)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,11 +91,52 @@ def test_bad_overrides_are_one_line_errors():
         ("skipping.target_kl=0", "greater than 0"),
         ("objective.correction=tis", "expected 'none', 'is'"),
         ("rollout.top_p=0", "greater than 0"),
+        # Refused inside the first update before these were recipe checks (the model had loaded by then).
+        ("rollout.num_generations=1", r"num_generations \(from --set\): expected greater than or equal to 2.*G >= 2"),
+        ("objective.epsilon=1.0", r"objective\.epsilon \(from --set\): expected less than 1"),
+        ("objective.mask_low=3.0", r"mask_low must be <= mask_high, found 3\.0 > 2\.0"),
+        ("optimizer.betas=[0.9, 1.0]", r"betas must each be in \[0, 1\)"),  # AdamW's own check, after loading
+        ("rollout.temperature=0", "greater than 0.*identical"),
+        ("skipping.layers=[3, 3]", "distinct layer indices"),
+        ("skipping.layers=[-1]", "distinct layer indices >= 0"),
+        ("train.max_nonfinite_steps=0", "greater than or equal to 1"),
+        ("train.report_to=[mlflow]", "expected 'tensorboard' or 'wandb'"),
+        ("train.report_to=[wandb, wandb]", "names a tracker twice"),
+        ("run.output_dir=''", r"run\.output_dir.*at least 1 character"),
     ],
 )
 def test_cross_field_checks(override, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as e:
         load_recipe(None, override.split(" & "))
+    assert "\n" not in str(e.value)
+
+
+def test_periodic_evaluation_needs_an_eval_set():
+    with pytest.raises(UserError, match=r"train\.eval_every=5 needs data\.eval, which is null"):
+        load_recipe(None, ["train.eval_every=5", "data.eval=null"])
+    assert load_recipe(None, ["train.eval_every=0", "data.eval=null"]).data.eval is None
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a binary file, not a YAML recipe"),
+        ("train:\n  steps: 3  # caf\u00e9\n".encode("latin-1"), r"not UTF-8 text \(byte 24"),
+        (b"\xff\xfe t\x00r\x00a\x00i\x00n\x00", "binary file"),  # UTF-16
+    ],
+    ids=["binary", "latin-1", "utf-16"],
+)
+def test_a_recipe_that_is_not_utf8_text_is_a_one_line_error(tmp_path, content, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_folder_is_not_a_recipe(tmp_path):
+    with pytest.raises(UserError, match="is a folder; expected a recipe YAML file"):
+        load_recipe(tmp_path)
 
 
 def test_ratio_and_ratio_range_are_exclusive():
@@ -101,3 +149,55 @@ def test_resolved_yaml_is_complete():
     dumped = yaml.safe_load(load_recipe(None, ["train.steps=7"]).to_yaml())
     assert set(dumped) == set(Recipe.model_fields)
     assert dumped["train"]["steps"] == 7
+
+
+# -- what a valid recipe promises: nothing that only the recipe decides is refused later ---------------------------
+
+_NUMBERS = st.one_of(st.sampled_from([-1.0, 0.0, 0.5, 0.999, 1.0, 1.5, 2.0]), st.floats(-2, 5, allow_nan=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(epsilon=_NUMBERS, epsilon_high=st.one_of(st.none(), _NUMBERS), beta=_NUMBERS, threshold=_NUMBERS,
+       mask_low=_NUMBERS, mask_high=_NUMBERS, retrace_lambda=_NUMBERS, length=st.integers(-1, 3),
+       loss_type=st.sampled_from(["grpo", "dr_grpo", "dapo"]), correction=st.sampled_from(CORRECTIONS),
+       generations=st.integers(0, 4))
+def test_objective_accepts_every_recipe_that_validates(epsilon, epsilon_high, beta, threshold, mask_low, mask_high,
+                                                       retrace_lambda, length, loss_type, correction, generations):
+    """The trainer builds LossConfig/CorrectionConfig and group advantages from the recipe after the model has
+    loaded: whatever the recipe accepts, they must accept too (else the error comes minutes late)."""
+    overrides = [f"objective.epsilon={epsilon}", f"objective.epsilon_high={'null' if epsilon_high is None else epsilon_high}",
+                 f"objective.beta={beta}", f"objective.is_threshold={threshold}", f"objective.mask_low={mask_low}",
+                 f"objective.mask_high={mask_high}", f"objective.retrace_lambda={retrace_lambda}",
+                 f"objective.loss_type={loss_type}", f"objective.correction={correction}",
+                 f"rollout.max_completion_length={length}", f"rollout.num_generations={generations}"]
+    try:
+        recipe = load_recipe(None, overrides)
+    except UserError:
+        return
+    obj = recipe.objective
+    CorrectionConfig(kind=obj.correction, threshold=obj.is_threshold, mask_low=obj.mask_low, mask_high=obj.mask_high,
+                     retrace_lambda=obj.retrace_lambda)
+    LossConfig(loss_type=obj.loss_type, epsilon=obj.epsilon, epsilon_high=obj.epsilon_high, beta=obj.beta,
+               max_completion_length=recipe.rollout.max_completion_length)
+    group_advantages(torch.zeros(2 * recipe.rollout.num_generations), recipe.rollout.num_generations,
+                     recipe.objective.scale_rewards)
+
+
+@settings(max_examples=300, deadline=None)
+@given(strategy=st.sampled_from(["random", "contiguous", "fixed"]),
+       ratio=st.one_of(_NUMBERS, st.lists(_NUMBERS, max_size=3)),
+       ratio_range=st.one_of(st.none(), st.tuples(_NUMBERS, _NUMBERS)),
+       layers=st.one_of(st.none(), st.lists(st.integers(-2, 10), max_size=4)),
+       keep_first=st.integers(-1, 3), keep_last=st.integers(-1, 3))
+def test_skip_sampler_accepts_every_recipe_that_validates(strategy, ratio, ratio_range, layers, keep_first, keep_last):
+    """Model-independent skipping settings are checked by the recipe; the sampler (built once the model is loaded)
+    may only refuse what depends on the model's depth. With 12 layers, every drawn index and keep fits."""
+    overrides = [f"skipping.strategy={strategy}", f"skipping.ratio={ratio}",
+                 f"skipping.ratio_range={'null' if ratio_range is None else list(ratio_range)}",
+                 f"skipping.layers={'null' if layers is None else layers}", f"skipping.keep_first={keep_first}",
+                 f"skipping.keep_last={keep_last}"]
+    try:
+        recipe = load_recipe(None, overrides)
+    except UserError:
+        return
+    SkipSampler.from_config(recipe.skipping, num_layers=12, seed=0).sample()

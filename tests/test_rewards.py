@@ -189,6 +189,7 @@ def test_internal_errors_are_reported_not_raised(caplog):
 def test_symbolic_check_times_out_in_a_thread():
     """math-verify's own timeout needs the main thread's signals; ours must bound worker threads too."""
     timeout_s = 0.5
+    assert math_reward(r"\boxed{x + 1}", "1 + x").reason == "correct"  # a started worker: time the check alone
     results: list[tuple[RewardResult, float]] = []
 
     def score() -> None:
@@ -233,6 +234,31 @@ def test_a_failing_worker_is_reported(monkeypatch, caplog, worker_code):
     monkeypatch.undo()
     assert pool.check("x + 1", "1 + x", timeout_s=5.0) == "correct"  # the dead worker was replaced
     pool.close_idle()
+
+
+def test_worker_start_up_does_not_count_against_the_timeout(monkeypatch):
+    """On a loaded machine a worker's start-up (importing sympy) can take longer than `timeout_s`; only the
+    comparison itself is timed, so the check still gets its verdict. Start-up has its own bound."""
+    startup_s, timeout_s = 2.0, 1.0
+    slow_start = f"import time; time.sleep({startup_s}); from nested_reft.rewards import _serve; _serve()"
+    monkeypatch.setattr(rewards, "_WORKER_COMMAND", [sys.executable, "-c", slow_start])
+    pool = _VerifierPool(size=1)
+    try:
+        started = time.monotonic()
+        assert pool.check("x + 1", "1 + x", timeout_s=timeout_s) == "correct"
+        assert time.monotonic() - started >= startup_s
+        assert pool.check(SLOW_ANSWER, SLOW_GOLD, timeout_s=0.3) == "timeout"  # the check itself is still bounded
+    finally:
+        pool.close_idle()
+
+
+def test_worker_start_up_has_its_own_bound(monkeypatch, caplog):
+    monkeypatch.setattr(rewards, "_WORKER_COMMAND", [sys.executable, "-c", "import time; time.sleep(30)"])
+    monkeypatch.setattr(rewards, "_STARTUP_TIMEOUT_S", 0.5)
+    pool = _VerifierPool(size=1)
+    started = time.monotonic()
+    assert pool.check("x + 1", "1 + x", timeout_s=5.0) == "verify_error"
+    assert time.monotonic() - started < 5.0 and "did not start within" in caplog.text
 
 
 THREAD_CASES = [

@@ -127,8 +127,8 @@ def test_min_new_tokens_masks_eos(tiny_llama, tiny_prompts, kv_cache):
     free = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, kv_cache=kv_cache)
     assert min(lengths(free)) < 6
     forced = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, min_new_tokens=6, kv_cache=kv_cache)
-    assert min(lengths(forced)) >= 6
-    assert not set(forced.completion_ids[:, :5].flatten().tolist()) & set(eos)
+    assert min(lengths(forced)) >= 7  # EOS is first allowed at position 6, so a row holds at least 7 tokens
+    assert not set(forced.completion_ids[:, :6].flatten().tolist()) & set(eos)  # positions 0..5: the first 6 tokens
     fixed = run(tiny_llama, tiny_prompts, eos, seed=2, max_new_tokens=12, min_new_tokens=12, kv_cache=kv_cache)
     assert lengths(fixed) == [12] * len(lengths(fixed))
 

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from nested_reft.errors import UserError
 from nested_reft.recipe import load_recipe
 from nested_reft.trainer import PromptStream, lr_lambda, train
 
@@ -171,6 +172,66 @@ def test_resume_is_bit_identical(tiny_run_inputs, tmp_path, num_examples, stop_a
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "rollout_tokens", "peak"))}
                           for r in rows]
     assert strip(full.read_metrics()) == strip(resumed.read_metrics())
+
+
+def test_resume_between_checkpoints_redoes_the_lost_steps_once(tiny_run_inputs, tmp_path):
+    """save_every=2, stopped after step 3: step 3's metrics row has no checkpoint behind it. Resuming from step 2
+    must drop that row and redo step 3, so the rows are steps 1..5 once each and the weights are those of an
+    uninterrupted run."""
+    model_dir, data = tiny_run_inputs
+    common = ["train.steps=5", "train.save_every=2", "train.keep_last=1", "skipping.ratio=0.25",
+              "train.log_rollouts_every=1"]
+    reward = starts_with_target(target_id(model_dir))
+    full = train(tiny_recipe(model_dir, data, tmp_path / "full", *common), reward_fn=reward)
+
+    def interrupt(row):
+        if row["step"] == 3:
+            raise Interrupt
+
+    recipe = tiny_recipe(model_dir, data, tmp_path / "resumed", *common)
+    with pytest.raises(Interrupt):
+        train(recipe, reward_fn=reward, on_step=interrupt)
+    run_dir = tmp_path / "resumed"
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-2"
+    resumed = train(recipe, resume=True, reward_fn=reward)
+
+    assert [r["step"] for r in resumed.read_metrics()] == [1, 2, 3, 4, 5]
+    a = load_file(full.latest_checkpoint() / "model.safetensors")
+    b = load_file(resumed.latest_checkpoint() / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "rollout_tokens", "peak"))}
+                          for r in rows]
+    assert strip(full.read_metrics()) == strip(resumed.read_metrics())
+    assert (full.rollouts_dir / "step-3.jsonl").read_text() == (resumed.rollouts_dir / "step-3.jsonl").read_text()
+
+
+def test_a_finished_run_is_not_restarted_without_resume_or_overwrite(tiny_run_inputs, tmp_path):
+    model_dir, data = tiny_run_inputs
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=2")
+    reward = starts_with_target(target_id(model_dir))
+    run = train(recipe, reward_fn=reward)
+    with pytest.raises(UserError, match="holds a run with results; pass --resume to continue it or --overwrite"):
+        train(recipe, reward_fn=reward)
+    assert [r["step"] for r in run.read_metrics()] == [1, 2]
+    again = train(recipe, overwrite=True, reward_fn=reward)
+    assert [r["step"] for r in again.read_metrics()] == [1, 2]
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tiny_run_inputs, tmp_path):
+    model_dir, data = tiny_run_inputs
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=3", "train.save_every=3")
+    reward = starts_with_target(target_id(model_dir))
+
+    def interrupt(row):
+        if row["step"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(recipe, reward_fn=reward, on_step=interrupt)
+    run = train(recipe, resume=True, reward_fn=reward)
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3]
+    assert [p.name for p in run.checkpoints()] == ["step-3"]
 
 
 # -- precision --------------------------------------------------------------------------------------------------

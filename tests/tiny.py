@@ -16,9 +16,10 @@ WORDS = [f"w{i}" for i in range(16)]
 TARGET_WORD = "w5"
 
 
-def write_tiny_model(folder: Path, num_layers: int = 4, seed: int = 0) -> Path:
-    """Save a seeded 4-layer Llama (hidden 32) with a 19-token word-level tokenizer to `folder`."""
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
+def write_tiny_model(folder: Path, num_layers: int = 4, seed: int = 0, extra_words: tuple[str, ...] = ()) -> Path:
+    """Save a seeded 4-layer Llama (hidden 32) with a 19-token word-level tokenizer to `folder` (plus
+    `extra_words` at the end of the vocabulary, e.g. "####" and digits to spell answers)."""
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS, *extra_words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",

@@ -6,16 +6,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import box
-from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
 from nested_reft.bench import bench as run_bench
 from nested_reft.bench import plot as draw_plot
+from nested_reft.cli.console import make_console, print_table
 from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides, show_precision
 from nested_reft.errors import UserError
-from nested_reft.rundir import atomic_write_json
+from nested_reft.preflight import check_skipping
+from nested_reft.rundir import atomic_write_json, ensure_writable
 
 
 def bench(
@@ -39,7 +38,11 @@ def bench(
     cfg = recipe_and_overrides(recipe, overrides)
     ratios = parse_ratios(skip_ratios, "--skip-ratios")
     report = report or Path(cfg.run.output_dir) / "reports" / "bench.json"
-    console = Console()
+    ensure_writable(report, "--report")
+    if plot:
+        ensure_writable(plot, "--plot")
+    check_skipping(cfg)
+    console = make_console()
     show_precision(console, cfg)
     with Progress(transient=True) as progress:
         task = progress.add_task("bench", total=None)
@@ -49,16 +52,14 @@ def bench(
     if plot:
         draw_plot(result, plot)
 
-    table = Table(title=f"bench ({what}): {result['model']} on {result['device']}, {result['num_layers']} layers, "
-                        f"{result['settings']['sequences']} x {result['settings']['completion_length']} tokens, "
-                        f"precision {result['settings']['mixed_precision']}",
-                  box=box.SIMPLE)
+    title = (f"bench ({what}): {result['model']} on {result['device']}, {result['num_layers']} layers, "
+             f"{result['settings']['sequences']} x {result['settings']['completion_length']} tokens, "
+             f"precision {result['settings']['mixed_precision']}")
     columns = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "effic."]
     if what == "train":
         columns += ["step s", "gen s", "score s", "train s", "step x", "train MB", "gc"]
-    for name in columns:
-        table.add_column(name, justify="right")
     by_ratio = {(c["skip_ratio"], c.get("gradient_checkpointing")): c for c in result["comparisons"]}
+    rows = []
     for r in result["results"]:
         c = by_ratio.get((r["skip_ratio"], r.get("gradient_checkpointing"))) if r["mode"] == "nested" else None
         ratios = [f"{c[k]:.3f}" for k in ("speedup", "ideal_speedup", "efficiency")] if c else ["1.000", "1.000", "-"]
@@ -68,12 +69,12 @@ def bench(
             row += [f"{r[k]:.2f}" for k in ("step_seconds", "generate_seconds", "score_seconds", "train_seconds")]
             row.append(f"{c['step_speedup']:.3f}" if c else "1.000")
             row += [f"{r['train_peak_memory_mb']:.0f}", "on" if r["gradient_checkpointing"] else "off"]
-        table.add_row(*row)
-    console.print(table)
+        rows.append(row)
+    print_table(console, title, columns, rows, key_columns=2)
     if "gradient_checkpointing" in result:
         gc = result["gradient_checkpointing"]
         peak, seconds = gc["train_peak_memory_mb"], gc["train_seconds"]
         console.print(f"gradient checkpointing (baseline): update peak {peak['off']:.0f} -> {peak['on']:.0f} MB, "
                       f"update time x{seconds['on_over_off']:.2f}"
                       f"  [{result['settings']['peak_memory']}]", highlight=False, soft_wrap=True)
-    console.print(f"report: {report}" + (f"   plot: {plot}" if plot else ""))
+    console.print(f"report: {report}" + (f"   plot: {plot}" if plot else ""), soft_wrap=True, highlight=False)

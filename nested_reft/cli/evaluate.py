@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from rich import box
 from rich.progress import Progress
-from rich.table import Table
 
+from nested_reft.cli.console import make_console, print_table
 from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
+from nested_reft.evaluate import check_sampling
 from nested_reft.evaluate import evaluate as run_evaluation
-from nested_reft.rundir import resolve_model_path
+from nested_reft.rundir import ensure_writable, resolve_model_path
 
 
 def evaluate(
@@ -37,8 +38,12 @@ def evaluate(
         is_run = resolve_model_path(model_spec) != model_spec
         report = (Path(model_spec) / "reports" if is_run else Path("reports")) / "evaluate.json"
     jobs = [(model_spec, report)] + ([(compare, report.with_name(f"{report.stem}.compare.json"))] if compare else [])
+    for _, path in jobs:  # before any model loads
+        ensure_writable(path, "--report")
+        ensure_writable(path.with_suffix(".examples.jsonl"), "--report")
+    check_sampling(samples, temperature)
     results = []
-    console = Console()
+    console = make_console()
     show_precision(console, cfg)
     with Progress(transient=True, console=console) as progress:
         for spec, path in jobs:
@@ -53,15 +58,13 @@ def evaluate(
                 kv_cache=cfg.rollout.kv_cache, cuda_graphs=cfg.rollout.cuda_graphs,
             ))
     result = results[0]
-    table = Table(title=f"evaluate on {result['data']} (n={result['n']})")
-    for key in ("model", *result["metrics"], "tokens/sec", "seconds"):
-        table.add_column(key, justify="left" if key == "model" else "right")
-    for (spec, _), r in zip(jobs, results):
-        table.add_row(spec, *(f"{v:.3f}" for v in r["metrics"].values()), f"{r['tokens_per_sec']:.1f}",
-                      f"{r['seconds']:.1f}")
-    console.print(table)
+    rows = [[spec, *(f"{v:.3f}" for v in r["metrics"].values()), f"{r['tokens_per_sec']:.1f}", f"{r['seconds']:.1f}"]
+            for (spec, _), r in zip(jobs, results)]
+    print_table(console, f"evaluate on {result['data']} (n={result['n']})",
+                ["model", *result["metrics"], "tokens/sec", "seconds"], rows, left=("model",),
+                table_box=box.HEAVY_HEAD)
     console.print(f"report: {report}  examples: {report.with_suffix('.examples.jsonl')}"
-                  + (f"  compared: {jobs[1][1]}" if compare else ""))
+                  + (f"  compared: {jobs[1][1]}" if compare else ""), soft_wrap=True, highlight=False)
     if min_accuracy is not None and result["metrics"]["pass@1"] < min_accuracy:
         console.print(f"[red]pass@1 {result['metrics']['pass@1']:.3f} is below --min-accuracy {min_accuracy}[/]")
         raise typer.Exit(1)

@@ -6,6 +6,7 @@ Each command lives in its own module as a plain function and is registered here.
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import typer
@@ -20,6 +21,7 @@ from nested_reft.cli.plot import plot
 from nested_reft.cli.prepare_data import prepare_data
 from nested_reft.cli.train import train
 from nested_reft.errors import UserError
+from nested_reft.stopping import TrainingStopped
 
 app = typer.Typer(
     name="nested-reft",
@@ -50,14 +52,27 @@ def _global(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; a UserError exits 2 with one line on stderr (unless --debug)."""
+    """Run the CLI. A UserError is one line on stderr and its exit code, 2 (3 for a diverged run), unless
+    --debug; a run stopped on request says how to resume and exits 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    stderr = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        app(args=argv, prog_name="nested-reft")
+        app(args=args, prog_name="nested-reft")
     except UserError as e:
         if _state["debug"]:
             raise
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}")
+        stderr.print(f"[bold red]error:[/] {escape(str(e))}")
         sys.exit(e.exit_code)
+    except TrainingStopped as e:
+        stderr.print(f"[bold yellow]stopped:[/] {escape(str(e))}")
+        stderr.print(f"resume with: {escape(resume_command(args))}")
+        sys.exit(e.exit_code)
+
+
+def resume_command(args: list[str]) -> str:
+    """The command line that continues a stopped `train`: the same arguments, --resume instead of --overwrite."""
+    kept = [a for a in args if a not in ("--resume", "--overwrite")]
+    return shlex.join(["nested-reft", *kept, "--resume"])
 
 
 if __name__ == "__main__":

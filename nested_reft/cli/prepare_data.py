@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from nested_reft.cli.console import make_console
 from nested_reft.data import PRESETS, PrepareSummary, prepare
 
 
@@ -51,7 +51,7 @@ def prepare_data(
         answer_format=answer_format,
         difficulty=difficulty,
     )
-    console = Console()
+    console = make_console()
     console.print(_summary_table(summary))
     console.print(f"wrote {summary.out}", soft_wrap=True, highlight=False)
 

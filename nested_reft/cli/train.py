@@ -1,50 +1,115 @@
-"""`nested-reft train RECIPE`: the RL loop, with a live display of each step's metrics."""
+"""`nested-reft train RECIPE`: the RL loop, with a live display of each step's metrics (one line per step when
+the output is a log file rather than a terminal)."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from nested_reft.cli.console import make_console
 from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
+from nested_reft.errors import UserError
+from nested_reft.preflight import check_training
+from nested_reft.recipe import Recipe
+from nested_reft.rundir import RunDir
+from nested_reft.stopping import TrainingStopped
+from nested_reft.tracking import Tracker
 from nested_reft.trainer import train as run_training
 
 
 def train(
     recipe: Optional[Path] = RecipeArgument,
     overrides: Optional[list[str]] = SetOption,
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in run.output_dir from its latest checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever run is in run.output_dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in run.output_dir from its latest checkpoint (from the start when it has none)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in run.output_dir (only ever a nested-reft run directory)."),
 ) -> None:
     """Train with GRPO on rollouts from the layer-skipped behavior model (baseline ReFT when nothing is skipped)."""
     cfg = recipe_and_overrides(recipe, overrides)
-    console = Console()
+    check_training(cfg)
+    console = make_console()
     show_precision(console, cfg)
+    tracker = _StepTracker(cfg)
+    try:
+        if console.is_terminal:
+            run = _train_with_progress(cfg, console, tracker, resume=resume, overwrite=overwrite)
+        else:  # a log file: one line per step rather than the frames of a progress bar
+            def on_step(row: dict[str, Any]) -> None:
+                tracker.log(row)
+                console.print(f"step {row['step']}/{cfg.train.steps}  {_summary(row)}", soft_wrap=True, highlight=False)
+                _print_warning(console, row)
+
+            run = run_training(cfg, resume=resume, overwrite=overwrite, on_step=on_step)
+    except KeyboardInterrupt:
+        raise TrainingStopped(None, _latest_checkpoint(cfg), signal.SIGINT) from None
+    finally:
+        tracker.close()
+    console.print(f"run directory: [bold]{run.root}[/]  (metrics: {run.metrics_path}, "
+                  f"latest checkpoint: {run.latest_checkpoint()})", soft_wrap=True, highlight=False)
+    reports = sorted(run.reports_dir.glob("eval-step-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    if reports:
+        console.print(f"eval report: [bold]{reports[-1]}[/]", soft_wrap=True, highlight=False)
+
+
+def _train_with_progress(cfg: Recipe, console: Console, tracker: _StepTracker, **options: bool) -> RunDir:
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[last]}")]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=cfg.train.steps, last="loading model and data")
 
-        def on_step(row: dict) -> None:
-            line = (f"reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  skip {len(row['skipped_layers'])} "
-                    f"layers  kl {row['kl_mu_pi']:.2f}")
-            if "target_kl" in row:  # the adaptive controller: target, measurement, decision
-                line += f" (target {row['target_kl']:.2f}: {row['skip_decision']} to {row['next_num_skipped']})"
-            line += f"  ess {row['ess']:.2f}  {row['rollout_tokens_per_sec']:.0f} tok/s"
-            line += "  no signal: update skipped" if row["update_skipped"] else f"  loss {row['loss']:+.4f}"
-            if "eval_pass@1" in row:
-                line += f"  eval pass@1 {row['eval_pass@1']:.3f}"
-            progress.update(task, completed=row["step"], last=line)
-            if "warning" in row:
-                progress.console.print(f"[yellow]warning[/] (step {row['step']}): {escape(row['warning'])}")
+        def on_step(row: dict[str, Any]) -> None:
+            tracker.log(row)
+            progress.update(task, completed=row["step"], last=_summary(row))
+            _print_warning(progress.console, row)
 
-        run = run_training(cfg, resume=resume, overwrite=overwrite, on_step=on_step)
-    console.print(f"run directory: [bold]{run.root}[/]  (metrics: {run.metrics_path}, "
-                  f"latest checkpoint: {run.latest_checkpoint()})")
-    reports = sorted(run.reports_dir.glob("eval-step-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-    if reports:
-        console.print(f"eval report: [bold]{reports[-1]}[/]")
+        return run_training(cfg, on_step=on_step, **options)
+
+
+def _summary(row: dict[str, Any]) -> str:
+    line = (f"reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  skip {len(row['skipped_layers'])} "
+            f"layers  kl {row['kl_mu_pi']:.2f}")
+    if "target_kl" in row:  # the adaptive controller: target, measurement, decision
+        line += f" (target {row['target_kl']:.2f}: {row['skip_decision']} to {row['next_num_skipped']})"
+    line += f"  ess {row['ess']:.2f}  {row['rollout_tokens_per_sec']:.0f} tok/s"
+    line += "  no signal: update skipped" if row["update_skipped"] else f"  loss {row['loss']:+.4f}"
+    if "eval_pass@1" in row:
+        line += f"  eval pass@1 {row['eval_pass@1']:.3f}"
+    return line
+
+
+def _print_warning(console: Console, row: dict[str, Any]) -> None:
+    """The trainer's training-health warning for this step, if any, on a line of its own."""
+    if "warning" in row:
+        console.print(f"[yellow]warning[/] (step {row['step']}): {escape(row['warning'])}", soft_wrap=True,
+                      highlight=False)
+
+
+class _StepTracker:
+    """The recipe's trackers, opened at the first metrics row: the run directory exists by then (an overwrite
+    has already cleared it), and the row's step says where a resumed run picks up."""
+
+    def __init__(self, cfg: Recipe):
+        self._cfg, self._tracker = cfg, None
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self._tracker is None:
+            cfg = self._cfg
+            self._tracker = Tracker.open(cfg.train.report_to, Path(cfg.run.output_dir), cfg.model_dump(mode="json"),
+                                         start_step=int(row["step"]) - 1)
+        self._tracker.log(row)
+
+    def close(self) -> None:
+        if self._tracker is not None:
+            self._tracker.close()
+
+
+def _latest_checkpoint(cfg: Recipe) -> Path | None:
+    try:
+        return RunDir(Path(cfg.run.output_dir)).latest_checkpoint()
+    except UserError:
+        return None
