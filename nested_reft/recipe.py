@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -34,6 +34,24 @@ class RunConfig(Section):
     seed: int = Field(0, description="Seeds data order, skip sets, sampling and initialisation.")
 
 
+class LoraSettings(Section):
+    """LoRA adapters (peft): only they train; the base model stays frozen."""
+
+    r: int = Field(16, ge=1, description="Rank of each adapter.")
+    alpha: float = Field(32.0, gt=0.0, description="Scaling numerator: the update is (alpha / r) * B A.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input while training.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or 'all-linear' (every linear "
+        "layer but the LM head)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraSettings:
+        if isinstance(self.target_modules, list) and (not self.target_modules or not all(self.target_modules)):
+            raise ValueError("target_modules must name at least one module")
+        return self
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(
         "smollm2-135m-instruct",
@@ -41,6 +59,8 @@ class ModelConfig(Section):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    lora: LoraSettings | None = Field(None, description="LoRA adapters {r, alpha, dropout, target_modules}; null: "
+                                      "full fine-tuning.")
 
 
 class DataConfig(Section):
@@ -140,6 +160,13 @@ class TrainConfig(Section):
     keep_last: int = Field(2, ge=1)
     eval_every: int = Field(0, ge=0, description="Evaluate on data.eval every N steps (0: never during training).")
     log_rollouts_every: int = Field(10, ge=0, description="Save sampled completions every N steps (0: never).")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: replicate the model on every rank (ddp) or shard it with FSDP2 (fsdp)."
+    )
+    distributed_timeout_s: float = Field(
+        1800.0, gt=0.0, description="Under torchrun: how long a rank waits in a collective before the job fails; "
+        "must exceed the longest rank-0-only work (evaluation, checkpoint writing)."
+    )
 
 
 class Recipe(Section):
@@ -227,8 +254,11 @@ def _suggest(loc: list[str]) -> str:
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
         field = model.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        # An optional section (`lora: LoraSettings | None`) suggests the keys of the section.
+        sections = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type)
+                     and issubclass(t, BaseModel)] if field is not None else []
+        if not sections:
             return ""
-        model = field.annotation
+        model = sections[0]
     close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(model.model_fields)})"

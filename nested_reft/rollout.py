@@ -3,7 +3,10 @@
 One left-padded batch holds every prompt repeated `num_generations` times. A prefill pass fills the cache
 and yields only the last position's logits; then tokens are decoded one at a time. Each token is drawn from
 `sampling.log_probs` (temperature, top-k, top-p), and its log-probability under exactly that distribution is
-recorded as the behavior log-prob `lp_b`. The whole generation runs inside `skip_layers`, so the cache is
+recorded as the behavior log-prob `lp_b`. Every step's random number for every row is drawn up front,
+so a row's tokens do not depend on how the batch around it shrinks; with per-prompt `seeds` they do not
+depend on which other prompts share the batch either (a data-parallel rank samples exactly what a single
+process sampling the whole batch does). The whole generation runs inside `skip_layers`, so the cache is
 built for the kept layers only. Rows that have emitted EOS are dropped from the batch and the cache, so later
 steps only compute live rows; their outputs are written back by original row index.
 """
@@ -81,26 +84,37 @@ def generate(
     pad_token_id: int,
     skip: Sequence[int] = (),
     seed: int | None = None,
+    seeds: Sequence[int] | None = None,
     min_new_tokens: int = 0,
 ) -> Rollout:
     """Sample `num_generations` completions per prompt with decoder layers `skip` bypassed.
 
     A row stops at its first EOS token (kept in the completion) or after `max_new_tokens`. EOS cannot be
     sampled before `min_new_tokens` tokens (for fixed-length benchmarks; the recorded log-probs then describe
-    that EOS-free distribution). The same `seed` on the same device gives the same rollout.
+    that EOS-free distribution). The same `seed` on the same device gives the same rollout. `seeds` (one per
+    prompt, instead of `seed`) makes each prompt's completions a function of its own seed alone
+    (`prompt_uniforms`), whatever else is in the batch.
     """
     _check_arguments(prompts, num_generations, max_new_tokens, min_new_tokens, eos_token_ids)
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, num_generations, pad_token_id, device)
-    generator = torch.Generator(device)
-    if seed is None:
-        generator.seed()
+    if seeds is not None:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+        uniforms = prompt_uniforms(seeds, num_generations, max_new_tokens, device)
     else:
-        generator.manual_seed(seed)
+        generator = torch.Generator(device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        # Every step's random number for every row, drawn up front (see the module docstring).
+        uniforms = torch.rand((max_new_tokens, len(prompt_ids)), generator=generator, dtype=torch.float64,
+                              device=device)
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
     with _eval_mode(model), skip_layers(model, skip):
         decoded, prefill_seconds, decode_seconds = _decode(
-            model, prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, params, eos, pad_token_id, generator
+            model, prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, params, eos, pad_token_id, uniforms
         )
     completion_ids, completion_mask, behavior_log_probs = decoded
     length = int(completion_mask.sum(1).max())
@@ -115,6 +129,16 @@ def generate(
         decode_seconds=decode_seconds,
         tokens_generated=int(completion_mask.sum()),
     )
+
+
+def prompt_uniforms(seeds: Sequence[int], num_generations: int, max_new_tokens: int,
+                    device: torch.device) -> torch.Tensor:
+    """Float64 uniforms [max_new_tokens, len(seeds) * num_generations]: column block i (prompt i's rows) comes
+    from a CPU generator seeded with seeds[i], so it is the same on every device and in every batch. Drawn
+    once per rollout and moved to `device` in one copy: the decode loop only indexes it."""
+    blocks = [torch.rand((max_new_tokens, num_generations), generator=torch.Generator().manual_seed(s),
+                         dtype=torch.float64) for s in seeds]
+    return torch.cat(blocks, dim=1).to(device)
 
 
 def left_pad(
@@ -172,9 +196,9 @@ def _decode(
     params: SamplingParams,
     eos: torch.Tensor,
     pad_token_id: int,
-    generator: torch.Generator,
+    uniforms: torch.Tensor,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float, float]:
-    """Prefill, then decode token by token.
+    """Prefill, then decode token by token (`uniforms` [T, B]: the random numbers of each step, by row).
 
     Returns ((ids, mask, log-probs), each [B, max_new_tokens]; prefill seconds; decode seconds).
     """
@@ -205,7 +229,7 @@ def _decode(
     for step in range(max_new_tokens):
         if step < min_new_tokens:
             logits = logits.index_fill(-1, eos, MASKED_LOGIT)
-        token, token_log_prob = _sample(logits, params, generator)
+        token, token_log_prob = _sample(logits, params, uniforms[step].index_select(0, rows))
         token = token.masked_fill(done, pad_token_id)  # a finished row not yet dropped emits padding
         out_ids[rows, step] = token
         out_mask[rows, step] = ~done
@@ -235,9 +259,10 @@ def _decode(
 
 
 def _sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+    logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row from `log_probs(logits, params)`; return (tokens [B], their log-probs [B]).
+    """Draw one token per row from `log_probs(logits, params)` with the row's uniform in `uniforms` [B];
+    return (tokens [B], their log-probs [B]).
 
     Inverse-CDF sampling: one uniform u per row, token = first index whose cumulative probability exceeds
     u * total. It needs B random numbers instead of the B x V of Gumbel-max (on CPU: ~2 ms against ~7 ms for
@@ -252,7 +277,7 @@ def _sample(
         token = logits.argmax(-1)
     else:
         cumulative = distribution.exp().cumsum(-1, dtype=torch.float64)
-        u = torch.rand((len(cumulative), 1), generator=generator, dtype=torch.float64, device=cumulative.device)
+        u = uniforms[:, None]
         token = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True).squeeze(1)
     return token, distribution.gather(-1, token[:, None]).squeeze(1)
 
