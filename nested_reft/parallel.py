@@ -96,6 +96,9 @@ class Parallel:
         for layer in self.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(self.root, mesh=mesh)
+        # FSDP2 makes the first module whose forward runs the root of every state below it. Sampling calls the
+        # causal LM (and so a decoder layer) before the root ever runs forward: settle the root now.
+        self.root._get_fsdp_state()._lazy_init()
         for module in [*self.layers, self.root]:
             # Sum, never average: the loss already divides by the global counts. Forcing SUM-type collectives
             # also keeps gloo working (it has no pre-multiplied sum).

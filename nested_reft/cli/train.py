@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides
+from nested_reft.distributed import env_rank
 from nested_reft.trainer import train as run_training
 
 
@@ -22,6 +23,9 @@ def train(
 ) -> None:
     """Train with GRPO on rollouts from the layer-skipped behavior model (baseline ReFT when nothing is skipped)."""
     cfg = recipe_and_overrides(recipe, overrides)
+    if env_rank() != 0:  # under torchrun rank 0 shows the (global) progress; the others train quietly
+        run_training(cfg, resume=resume, overwrite=overwrite)
+        return
     console = Console()
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[last]}")]
