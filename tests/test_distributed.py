@@ -28,6 +28,7 @@ from .tiny import write_examples, write_tiny_model
 # rounding: after 2 steps at lr 3e-2 the largest difference measured is 1.1e-5 (ddp) and 1.6e-5 (fsdp).
 # 1e-4 leaves room for that and is still 300x smaller than one update step (lr).
 WEIGHT_ATOL = 1e-4
+LORA = "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj, lm_head]}"
 VOLATILE = ("time_", "rollout_tokens", "peak")  # per-process timings and memory
 
 
@@ -59,13 +60,17 @@ def stable(rows):
 
 
 def weights(run_dir):
+    """The latest checkpoint's tensors: the model's, or a LoRA run's adapters."""
     folder = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    return load_file(folder / "model.safetensors")
+    lora = folder / "adapter_model.safetensors"
+    return load_file(lora if lora.is_file() else folder / "model.safetensors")
 
 
 @pytest.mark.parametrize("extra", [
     pytest.param(["skipping.ratio=0.25"], id="ddp-random-skips"),
     pytest.param(["train.parallel=fsdp", "skipping.strategy=adaptive"], id="fsdp-adaptive"),
+    pytest.param(["skipping.ratio=0.25", LORA], id="ddp-lora"),
+    pytest.param(["train.parallel=fsdp", "skipping.ratio=0.25", LORA], id="fsdp-lora"),
 ])
 def test_two_ranks_train_like_one_process(inputs, tmp_path, extra):
     model_dir, data = inputs
@@ -87,7 +92,8 @@ def test_two_ranks_train_like_one_process(inputs, tmp_path, extra):
     assert one[0]["reward_mean"] > 0 and not one[0]["update_skipped"]  # a step with signal was compared
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert a.keys() == b.keys()
-    start = load_file(model_dir / "model.safetensors")
+    start = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in a.items()} if LORA in extra else \
+        load_file(model_dir / "model.safetensors")  # LoRA: B starts at 0
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 100 * WEIGHT_ATOL  # training moved the weights
     assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
     # Rank 0 alone wrote the run directory, with every rank's completions in batch order.
