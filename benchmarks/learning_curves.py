@@ -9,7 +9,8 @@ seconds, total wall seconds; per configuration: mean and standard deviation over
     python benchmarks/learning_curves.py --steps 20 --seeds 0 1 2 --parallel 2 --threads 1
 
 Jobs of different configurations are interleaved, so a slow phase of a shared machine hits all of them alike;
-with --parallel 2 two runs share the machine at any time. Checkpoints stay in --runs-dir (not committed).
+with --parallel 2 two runs share the machine at any time. Checkpoints stay in --runs-dir (not committed); a run
+whose evaluation report is already there is reused, so an interrupted batch picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ CLI = [sys.executable, "-m", "nested_reft.cli.main"]
 CONFIGS = {  # name -> (recipe, overrides)
     "baseline": ("recipes/baseline.yaml", []),
     "fixed-0.25": ("recipes/quickstart.yaml", ["skipping.strategy=random", "skipping.ratio=0.25"]),
-    "adaptive": ("recipes/quickstart.yaml", []),
+    "adaptive": ("recipes/quickstart.yaml", []),  # the quickstart's target_kl
+    "adaptive-0.5": ("recipes/quickstart.yaml", ["skipping.target_kl=0.5"]),
 }
+DEFAULT_CONFIGS = ["baseline", "fixed-0.25", "adaptive"]
 
 
 def run(command: list[str], log: Path, threads: int) -> None:
@@ -42,22 +45,34 @@ def run(command: list[str], log: Path, threads: int) -> None:
         subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
 
 
+def commit() -> str:
+    """The code version that ran (git HEAD of this checkout, '+dirty' with uncommitted changes)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+
+
 def train_and_evaluate(config: str, seed: int, args: argparse.Namespace) -> dict:
     recipe, overrides = CONFIGS[config]
     name = f"{config}-s{seed}"
     run_dir = args.runs_dir / name
     sets = [*overrides, f"run.seed={seed}", f"run.output_dir={run_dir}", f"train.steps={args.steps}", *args.set]
     log = args.runs_dir / f"{name}.log"
-    run([*CLI, "train", recipe, "--overwrite", *[x for s in sets for x in ("--set", s)]], log, args.threads)
     report = run_dir / "reports" / "evaluate.json"
-    run([*CLI, "evaluate", recipe, "--model", str(run_dir), "--report", str(report),
-         *[x for s in args.set for x in ("--set", s)]], log, args.threads)
+    if not report.is_file():  # a run that finished its evaluation earlier is reused as it is
+        run([*CLI, "train", recipe, "--overwrite", *[x for s in sets for x in ("--set", s)]], log, args.threads)
+        (run_dir / "commit").write_text(commit() + "\n")
+        run([*CLI, "evaluate", recipe, "--model", str(run_dir), "--report", str(report),
+             *[x for s in args.set for x in ("--set", s)]], log, args.threads)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     saved = args.out / name
     saved.mkdir(parents=True, exist_ok=True)
     shutil.copy(run_dir / "metrics.jsonl", saved / "metrics.jsonl")
     evaluation = json.loads(report.read_text())
+    made_by = run_dir / "commit"
     return {"config": config, "seed": seed, "pass@1": evaluation["metrics"]["pass@1"], "n": evaluation["n"],
+            "commit": made_by.read_text().strip() if made_by.is_file() else "unknown",
             "rollout_seconds": sum(r["time_generate"] for r in rows),
             "wall_seconds": rows[-1]["time_elapsed"],
             "final_train_accuracy": statistics.mean(r["accuracy"] for r in rows[-5:]),
@@ -67,7 +82,7 @@ def train_and_evaluate(config: str, seed: int, args: argparse.Namespace) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--parallel", type=int, default=1, help="Runs at a time.")
@@ -83,11 +98,12 @@ def main() -> None:
     jobs = [(config, seed) for seed in args.seeds for config in args.configs]  # configurations interleaved
     starting = args.runs_dir / "starting-model.json"
     with ThreadPoolExecutor(args.parallel) as pool:
-        base = pool.submit(run, [*CLI, "evaluate", "recipes/quickstart.yaml", "--report", str(starting),
-                                 *[x for s in args.set for x in ("--set", s)]],
-                           args.runs_dir / "starting-model.log", args.threads)
+        base = None if starting.is_file() else pool.submit(
+            run, [*CLI, "evaluate", "recipes/quickstart.yaml", "--report", str(starting),
+                  *[x for s in args.set for x in ("--set", s)]], args.runs_dir / "starting-model.log", args.threads)
         results = list(pool.map(lambda job: train_and_evaluate(*job, args), jobs))
-        base.result()
+        if base:
+            base.result()
     start_eval = json.loads(starting.read_text())
     summary = {"steps": args.steps, "seeds": args.seeds, "threads_per_run": args.threads, "parallel": args.parallel,
                "extra_overrides": args.set, "starting_model_pass@1": start_eval["metrics"]["pass@1"],

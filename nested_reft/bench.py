@@ -39,7 +39,8 @@ from nested_reft.rollout import generate
 from nested_reft.rundir import resolve_model_path
 from nested_reft.sampling import SamplingParams
 from nested_reft.skipping import SkipSampler, decoder_layers
-from nested_reft.trainer import math_reward_fn, optimise, score
+from nested_reft.scoring import math_reward_fn, score
+from nested_reft.update import optimise
 
 Progress = Callable[[str], None]
 GRADIENT_CHECKPOINTING = ("recipe", "on", "off", "both")

