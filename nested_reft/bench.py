@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -38,8 +37,8 @@ from nested_reft.recipe import Recipe
 from nested_reft.rollout import generate
 from nested_reft.rundir import resolve_model_path
 from nested_reft.sampling import SamplingParams
-from nested_reft.skipping import SkipSampler, decoder_layers
 from nested_reft.scoring import math_reward_fn, score
+from nested_reft.skipping import SkipSampler, decoder_layers
 from nested_reft.update import optimise
 
 Progress = Callable[[str], None]
@@ -201,31 +200,3 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {torch.get_num_threads()} threads"
-
-
-def plot(report: dict[str, Any], path: Path) -> None:
-    """PNG of tokens/sec against skip ratio, measured and ideal (baseline x L / (L - k))."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = report["results"][0].get("gradient_checkpointing")  # with `both`, plot the first setting's rows
-    results = [r for r in report["results"] if r.get("gradient_checkpointing") == first]
-    base = results[0]["tokens_per_sec"]
-    L = report["num_layers"]
-    ratios = [r["skip_ratio"] for r in results]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(ratios, [r["tokens_per_sec"] for r in results], "o-", label="measured")
-    ax.plot(ratios, [base * L / (L - len(r["skipped_layers"])) for r in results], "--", label="ideal L/(L-k)")
-    ax.set_xlabel("skip ratio")
-    ax.set_ylabel("rollout tokens/sec")
-    ax.set_title(f"{Path(report['model']).name} on {report['device']} ({report['what']})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)

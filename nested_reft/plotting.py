@@ -1,6 +1,7 @@
-"""`nested-reft plot`: training runs side by side, against step and against wall-clock seconds.
+"""The project's figures: `nested-reft plot` (training runs side by side, against step and against wall-clock
+seconds) and `bench --plot` (rollout tokens/sec against skip ratio).
 
-The figure answers "does nested match baseline, and sooner?": each row is one quantity, the left column plots
+The runs figure answers "does nested match baseline, and sooner?": each row is one quantity, the left column plots
 it per step, the right per second of wall clock (so a run whose steps are cheaper reaches the same reward
 further left), and the bottom panel splits each run's mean step time into its phases.
 """
@@ -54,11 +55,7 @@ def wall_seconds(rows: list[dict[str, Any]]) -> list[float]:
 def plot_runs(paths: list[Path], out: Path) -> None:
     """Draw the runs' metrics to the PNG `out` (written atomically)."""
     runs = read_runs(paths)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig = plt.figure(figsize=(12, 3 * (len(PANELS) + 1)), dpi=100)
     grid = fig.add_gridspec(len(PANELS) + 1, 2)
     colors = {label: f"C{i % 10}" for i, label in enumerate(runs)}
@@ -87,9 +84,41 @@ def plot_runs(paths: list[Path], out: Path) -> None:
         bottoms = [b + m for b, m in zip(bottoms, means)]
     ax.set_ylabel("mean seconds per step")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
+    save_figure(fig, out)
+
+
+def plot_bench(report: dict[str, Any], path: Path) -> None:
+    """`bench --plot`: PNG of tokens/sec against skip ratio, measured and ideal (baseline x L / (L - k))."""
+    plt = _pyplot()
+    results = report["results"]
+    base = results[0]["tokens_per_sec"]
+    L = report["num_layers"]
+    ratios = [r["skip_ratio"] for r in results]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(ratios, [r["tokens_per_sec"] for r in results], "o-", label="measured")
+    ax.plot(ratios, [base * L / (L - len(r["skipped_layers"])) for r in results], "--", label="ideal L/(L-k)")
+    ax.set_xlabel("skip ratio")
+    ax.set_ylabel("rollout tokens/sec")
+    ax.set_title(f"{Path(report['model']).name} on {report['device']} ({report['what']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write `fig` to the PNG `path` atomically (a temporary sibling, then rename) and release it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    _pyplot().close(fig)
+    tmp.replace(path)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported late: only plotting commands pay for it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

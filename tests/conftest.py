@@ -64,3 +64,12 @@ def tiny_prompts() -> list[list[int]]:
     generator = torch.Generator().manual_seed(1234)
     return [torch.randint(3, VOCAB_SIZE, (length,), generator=generator).tolist() for length in (5, 9, 3, 7)]
 
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face folder, and 24 training rows for it (the trainer loads by path)."""
+    from .tiny import write_examples, write_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return write_tiny_model(root / "model"), write_examples(root / "train.jsonl", 24)

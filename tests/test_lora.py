@@ -16,7 +16,7 @@ from nested_reft.models import load_model
 from nested_reft.trainer import train
 
 from .test_cli import run_cli
-from .test_trainer import starts_with_target, target_id, tiny_recipe
+from .test_trainer import assert_same_run, starts_with_target, target_id, tiny_recipe, train_until
 from .tiny import write_examples, write_tiny_model
 
 LORA = "model.lora={r: 4, alpha: 8, target_modules: all-linear}"
@@ -95,21 +95,9 @@ def test_resume_with_lora_is_bit_identical(inputs, tmp_path):
     common = [LORA, "train.steps=3", "train.save_every=1", "skipping.ratio=0.25"]
     reward = starts_with_target(target_id(model_dir))
     full = train(tiny_recipe(model_dir, data, tmp_path / "full", *common), reward_fn=reward)
-
-    class Stop(Exception):
-        pass
-
-    def stop(row):
-        if row["step"] == 2:
-            raise Stop
-
     recipe = tiny_recipe(model_dir, data, tmp_path / "resumed", *common)
-    with pytest.raises(Stop):
-        train(recipe, reward_fn=reward, on_step=stop)
-    resumed = train(recipe, resume=True, reward_fn=reward)
-    a = load_file(full.latest_checkpoint() / "adapter_model.safetensors")
-    b = load_file(resumed.latest_checkpoint() / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    train_until(recipe, 2, reward)
+    assert_same_run(full, train(recipe, resume=True, reward_fn=reward), weights="adapter_model.safetensors")
 
 
 def test_reference_is_the_base_with_adapters_disabled(inputs, tmp_path, monkeypatch):

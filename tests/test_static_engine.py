@@ -13,8 +13,7 @@ from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Q
 from nested_reft import rollout as rollout_module
 from nested_reft import static_engine
 from nested_reft.errors import UserError
-from nested_reft.sampling import SamplingParams
-from nested_reft.static_cache import AttentionMasks, LayerCacheView, StaticKVCache, prefill_mask
+from nested_reft.static_cache import AttentionMasks, StaticKVCache, prefill_mask
 from nested_reft.static_engine import StaticEngine, batch_buckets, engine_for
 
 from .conftest import NUM_LAYERS, VOCAB_SIZE, build_tiny

@@ -14,13 +14,7 @@ from nested_reft.data import PromptStream
 from nested_reft.trainer import train
 from nested_reft.update import lr_lambda
 
-from .tiny import TARGET_WORD, write_examples, write_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_run_inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return write_tiny_model(root / "model"), write_examples(root / "train.jsonl", 24)
+from .tiny import TARGET_WORD, write_examples
 
 
 def tiny_recipe(model_dir, data, out, *overrides):
@@ -158,37 +152,48 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("num_examples, stop_after, precision", [
-    (10, 2, []), (8, 2, []), (10, 2, ["model.mixed_precision=bf16", "train.gradient_checkpointing=true"]),
-], ids=["mid-epoch", "at-epoch-boundary", "mid-epoch-bf16-checkpointing"])
-def test_resume_is_bit_identical(tiny_run_inputs, tmp_path, num_examples, stop_after, precision):
-    """Stop after `stop_after` steps, resume, and end with exactly the weights of an uninterrupted run.
-    With 8 examples and 4 prompts per step, step 2 ends exactly at the end of the first epoch. In bf16 the
-    checkpoint holds the float32 masters, so the resumed run continues from exactly the same state."""
-    model_dir, _ = tiny_run_inputs
-    data = write_examples(tmp_path / "train.jsonl", num_examples)
-    common = ["train.steps=4", "train.save_every=1", "skipping.ratio_range=[0.0, 0.5]", "optimizer.warmup_steps=2",
-              "optimizer.schedule=cosine", *precision]
-    reward = starts_with_target(target_id(model_dir))
-
-    full = train(tiny_recipe(model_dir, data, tmp_path / "full", *common), reward_fn=reward)
+def train_until(recipe, stop_after, reward):
+    """Train `recipe` and stop it right after step `stop_after`, the way a crash would."""
 
     def interrupt(row):
         if row["step"] == stop_after:
             raise Interrupt
 
-    resumed_recipe = tiny_recipe(model_dir, data, tmp_path / "resumed", *common)
     with pytest.raises(Interrupt):
-        train(resumed_recipe, reward_fn=reward, on_step=interrupt)
-    resumed = train(resumed_recipe, resume=True, reward_fn=reward)
+        train(recipe, reward_fn=reward, on_step=interrupt)
 
-    a = load_file(full.latest_checkpoint() / "model.safetensors")
-    b = load_file(resumed.latest_checkpoint() / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+
+def assert_same_run(full, resumed, weights="model.safetensors"):
+    """Bit-identical final weights, and the same metrics rows (timings aside)."""
+    a = load_file(full.latest_checkpoint() / weights)
+    b = load_file(resumed.latest_checkpoint() / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "rollout_tokens", "peak"))}
                           for r in rows]
     assert strip(full.read_metrics()) == strip(resumed.read_metrics())
+
+
+@pytest.mark.parametrize("num_examples, stop_after, extra", [
+    (10, 2, []), (8, 2, []), (10, 2, ["model.mixed_precision=bf16", "train.gradient_checkpointing=true"]),
+    (10, 3, ["skipping.strategy=adaptive", "skipping.target_kl=0.5"]),
+], ids=["mid-epoch", "at-epoch-boundary", "mid-epoch-bf16-checkpointing", "adaptive"])
+def test_resume_is_bit_identical(tiny_run_inputs, tmp_path, num_examples, stop_after, extra):
+    """Stop after `stop_after` steps, resume, and end with exactly the weights of an uninterrupted run.
+    With 8 examples and 4 prompts per step, step 2 ends exactly at the end of the first epoch. In bf16 the
+    checkpoint holds the float32 masters, so the resumed run continues from exactly the same state. With
+    adaptive skipping the controller's state and the layer costs the run measured are restored too."""
+    model_dir, _ = tiny_run_inputs
+    data = write_examples(tmp_path / "train.jsonl", num_examples)
+    common = ["train.steps=4", "train.save_every=1", "skipping.ratio_range=[0.0, 0.5]", "optimizer.warmup_steps=2",
+              "optimizer.schedule=cosine", *extra]
+    reward = starts_with_target(target_id(model_dir))
+    full = train(tiny_recipe(model_dir, data, tmp_path / "full", *common), reward_fn=reward)
+    resumed_recipe = tiny_recipe(model_dir, data, tmp_path / "resumed", *common)
+    train_until(resumed_recipe, stop_after, reward)
+    resumed = train(resumed_recipe, resume=True, reward_fn=reward)
+    assert_same_run(full, resumed)
+    if "skipping.strategy=adaptive" in extra:
+        assert {len(r["skipped_layers"]) for r in full.read_metrics()} != {0}  # the controller did skip
 
 
 def test_resume_between_checkpoints_redoes_the_lost_steps_once(tiny_run_inputs, tmp_path):
@@ -200,26 +205,15 @@ def test_resume_between_checkpoints_redoes_the_lost_steps_once(tiny_run_inputs, 
               "train.log_rollouts_every=1"]
     reward = starts_with_target(target_id(model_dir))
     full = train(tiny_recipe(model_dir, data, tmp_path / "full", *common), reward_fn=reward)
-
-    def interrupt(row):
-        if row["step"] == 3:
-            raise Interrupt
-
     recipe = tiny_recipe(model_dir, data, tmp_path / "resumed", *common)
-    with pytest.raises(Interrupt):
-        train(recipe, reward_fn=reward, on_step=interrupt)
+    train_until(recipe, 3, reward)
     run_dir = tmp_path / "resumed"
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-2"
     resumed = train(recipe, resume=True, reward_fn=reward)
 
     assert [r["step"] for r in resumed.read_metrics()] == [1, 2, 3, 4, 5]
-    a = load_file(full.latest_checkpoint() / "model.safetensors")
-    b = load_file(resumed.latest_checkpoint() / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "rollout_tokens", "peak"))}
-                          for r in rows]
-    assert strip(full.read_metrics()) == strip(resumed.read_metrics())
+    assert_same_run(full, resumed)
     assert (full.rollouts_dir / "step-3.jsonl").read_text() == (resumed.rollouts_dir / "step-3.jsonl").read_text()
 
 
@@ -239,13 +233,7 @@ def test_resume_before_the_first_checkpoint_starts_over(tiny_run_inputs, tmp_pat
     model_dir, data = tiny_run_inputs
     recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=3", "train.save_every=3")
     reward = starts_with_target(target_id(model_dir))
-
-    def interrupt(row):
-        if row["step"] == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(recipe, reward_fn=reward, on_step=interrupt)
+    train_until(recipe, 2, reward)
     run = train(recipe, resume=True, reward_fn=reward)
     assert [r["step"] for r in run.read_metrics()] == [1, 2, 3]
     assert [p.name for p in run.checkpoints()] == ["step-3"]
@@ -411,26 +399,3 @@ def test_adaptive_run_probes_costs_once_and_logs_its_decisions(tiny_run_inputs, 
     assert all({"target_kl", "skip_decision", "next_num_skipped", "kl_predicted_next"} <= set(r) for r in rows)
     assert [len(r["skipped_layers"]) for r in rows[1:]] == [r["next_num_skipped"] for r in rows[:-1]]
     assert len(rows[-1]["skipped_layers"]) > 0  # a generous target lets it skip
-
-
-def test_resume_is_bit_identical_with_adaptive_skipping(tiny_run_inputs, tmp_path):
-    model_dir, data = tiny_run_inputs
-    common = ["train.steps=5", "train.save_every=1", "skipping.strategy=adaptive", "skipping.target_kl=0.5"]
-    reward = starts_with_target(target_id(model_dir))
-    full = train(tiny_recipe(model_dir, data, tmp_path / "full", *common), reward_fn=reward)
-
-    def interrupt(row):
-        if row["step"] == 3:
-            raise Interrupt
-
-    recipe = tiny_recipe(model_dir, data, tmp_path / "resumed", *common)
-    with pytest.raises(Interrupt):
-        train(recipe, reward_fn=reward, on_step=interrupt)
-    resumed = train(recipe, resume=True, reward_fn=reward)
-    a = load_file(full.latest_checkpoint() / "model.safetensors")
-    b = load_file(resumed.latest_checkpoint() / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "rollout_tokens", "peak"))}
-                          for r in rows]
-    assert strip(full.read_metrics()) == strip(resumed.read_metrics())
-    assert {len(r["skipped_layers"]) for r in full.read_metrics()} != {0}  # the controller did skip

@@ -1,4 +1,5 @@
-"""Phase-2 wiring: graceful stop through a real process, and the non-finite guard inside the loop."""
+"""The training loop stops cleanly: SIGTERM through a real process (checkpoint, then a bit-exact resume), and
+non-finite steps (their updates skipped, never checkpointed, and too many in a row end the run)."""
 
 import math
 import signal
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from nested_reft.guards import NonFiniteError
 from nested_reft.trainer import train
 
-from .test_trainer import starts_with_target, target_id, tiny_recipe, tiny_run_inputs  # noqa: F401
+from .test_trainer import starts_with_target, target_id, tiny_recipe
 
 
 def cli_train(model_dir, data, run_dir, *extra):

@@ -9,7 +9,7 @@ import typer
 from rich.progress import Progress
 
 from nested_reft.bench import bench as run_bench
-from nested_reft.bench import plot as draw_plot
+from nested_reft.plotting import plot_bench as draw_plot
 from nested_reft.cli.console import make_console, print_table
 from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides, show_precision
 from nested_reft.errors import UserError
