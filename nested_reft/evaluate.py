@@ -81,12 +81,14 @@ def check_sampling(samples: int, temperature: float) -> None:
 
 def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataConfig, *, samples: int = 1,
                       temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
-                      reward_cfg: RewardConfig = RewardConfig(), seed: int = 0, batch_size: int = 16,
+                      reward_cfg: RewardConfig = RewardConfig(), seed: int = 0, batch_size: int = 64,
                       on_batch=None, kv_cache: str = "dynamic", cuda_graphs: str = "auto") -> EvalReport:
     """Sample `samples` completions per example with the full model and score them.
 
     pass@1 is the mean accuracy over all samples (greedy when samples == 1 and temperature == 0); with
-    samples > 1 the report adds pass@k and maj@k for k = samples.
+    samples > 1 the report adds pass@k and maj@k for k = samples. `batch_size` completions are decoded together:
+    finished rows leave the batch, so a large batch costs little where most answers are short (64 against 16
+    decodes 1.5x the tokens per CPU second on SmolLM2, 2 cores).
     """
     params = SamplingParams(temperature=temperature, top_p=top_p)
     eos = eos_token_ids(tokenizer, model.generation_config)
@@ -127,7 +129,7 @@ def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataC
 def evaluate(model_spec: str, data_spec: str, *, split: str, limit: int | None, samples: int, temperature: float,
              max_new_tokens: int, data_cfg: DataConfig, reward_cfg: RewardConfig, dtype: str, device: str,
              seed: int, report_path: Path, mixed_precision: str = "no", on_batch=None, kv_cache: str = "dynamic",
-             cuda_graphs: str = "auto") -> dict[str, Any]:
+             cuda_graphs: str = "auto", batch_size: int = 64) -> dict[str, Any]:
     """Evaluate a model (path, alias or run directory) on a data set; writes the JSON report and, beside it, the
     per-example JSONL. Returns the report. `mixed_precision` (auto | no | bf16 | fp16) is the compute dtype. Bad
     arguments are UserErrors raised before the model loads."""
@@ -138,7 +140,7 @@ def evaluate(model_spec: str, data_spec: str, *, split: str, limit: int | None, 
     model, tokenizer = load_model(path, dtype=dtype, device=device, mixed_precision=precision)
     result = evaluate_examples(model, tokenizer, examples, data_cfg, samples=samples, temperature=temperature,
                                max_new_tokens=max_new_tokens, reward_cfg=reward_cfg, seed=seed, on_batch=on_batch,
-                               kv_cache=kv_cache, cuda_graphs=cuda_graphs)
+                               kv_cache=kv_cache, cuda_graphs=cuda_graphs, batch_size=batch_size)
     report = result.to_dict(model=path, data=data_spec)
     report["settings"] |= {"dtype": dtype, "mixed_precision": precision}
     atomic_write_json(report_path, report)

@@ -137,3 +137,19 @@ def test_meaningless_sampling_settings_are_refused_before_loading(tmp_path, monk
                  seed=0, report_path=tmp_path / "r.json")
     if samples == 4:
         assert "identical greedy completions" in str(e.value) and "--temperature" in str(e.value)
+
+
+def test_greedy_answers_do_not_depend_on_the_batch_size(tmp_path):
+    """Left padding, dropped finished rows and batch boundaries must not change what a greedy model answers."""
+    model = write_tiny_model(tmp_path / "model")
+    data = write_examples(tmp_path / "eval.jsonl", 7)
+    recipe = load_recipe(None, ["data.chat_template=false", "data.system_prompt=null"])
+    records = []
+    for batch_size in (1, 3, 64):
+        report_path = tmp_path / f"eval-{batch_size}.json"
+        evaluate(str(model), str(data), split="test", limit=None, samples=1, temperature=0.0, max_new_tokens=6,
+                 data_cfg=recipe.data, reward_cfg=recipe.reward, dtype="float32", device="cpu", seed=0,
+                 report_path=report_path, batch_size=batch_size)
+        records.append(report_path.with_suffix(".examples.jsonl").read_text())
+    assert records[0] == records[1] == records[2]
+    assert len(records[0].splitlines()) == 7

@@ -26,6 +26,7 @@ def evaluate(
     samples: int = typer.Option(1, min=1, help="Completions per example (K); K > 1 adds pass@k and maj@k."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Default: rollout.max_completion_length."),
+    batch_size: int = typer.Option(64, min=1, help="Completions decoded together; lower it if memory is short."),
     report: Optional[Path] = typer.Option(None, help="JSON report path. Default: <run>/reports/evaluate.json for a run directory, else reports/evaluate.json."),
     min_accuracy: Optional[float] = typer.Option(None, help="Exit with code 1 when pass@1 is below this."),
     compare: Optional[str] = typer.Option(None, help="Also evaluate this model (e.g. the starting one) on the same problems with the same settings, side by side; its report goes beside --report as *.compare.json."),
@@ -55,7 +56,7 @@ def evaluate(
                 reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device,
                 mixed_precision=cfg.model.mixed_precision, seed=cfg.run.seed,
                 report_path=path, on_batch=lambda n, task=task: progress.advance(task, n),
-                kv_cache=cfg.rollout.kv_cache, cuda_graphs=cfg.rollout.cuda_graphs,
+                kv_cache=cfg.rollout.kv_cache, cuda_graphs=cfg.rollout.cuda_graphs, batch_size=batch_size,
             ))
     result = results[0]
     rows = [[spec, *(f"{v:.3f}" for v in r["metrics"].values()), f"{r['tokens_per_sec']:.1f}", f"{r['seconds']:.1f}"]
