@@ -32,9 +32,10 @@ CONFIGS = {  # name -> (recipe, overrides)
     "baseline": ("recipes/baseline.yaml", []),
     "fixed-0.25": ("recipes/quickstart.yaml", ["skipping.strategy=random", "skipping.ratio=0.25"]),
     "adaptive": ("recipes/quickstart.yaml", []),  # the quickstart's target_kl
+    "adaptive-0.2": ("recipes/quickstart.yaml", ["skipping.target_kl=0.2"]),
     "adaptive-0.5": ("recipes/quickstart.yaml", ["skipping.target_kl=0.5"]),
 }
-DEFAULT_CONFIGS = ["baseline", "fixed-0.25", "adaptive"]
+DEFAULT_CONFIGS = ["baseline", "fixed-0.25", "adaptive-0.2"]
 
 
 def run(command: list[str], log: Path, threads: int) -> None:

@@ -29,6 +29,7 @@ class TrainingHealth:
         self.skipping = recipe.skipping
         self.quiet_steps = 0  # steps in a row where every group's rewards were equal
         self.far_steps = 0  # steps in a row with KL(mu || pi) above KL_LIMIT
+        self.told_cannot_pay = False
 
     def check(self, row: dict[str, Any]) -> str | None:
         self.quiet_steps = self.quiet_steps + 1 if row["frac_reward_zero_std"] == 1.0 else 0
@@ -48,6 +49,11 @@ class TrainingHealth:
         if _due(self.far_steps, 2):
             return (f"KL(mu||pi) {row['kl_mu_pi']:.2f} nats/token is far above what learning tolerates (~{KL_LIMIT}): "
                     f"the skipped model samples what the policy would not; {self._less_skipping()}")
+        if row.get("next_num_skipped") == 0 and not row["skipped_layers"] and not self.told_cannot_pay:
+            self.told_cannot_pay = True  # once: it is the model's property, not a passing state
+            return (f"skipping cannot pay here: even the cheapest layer is predicted above skipping.target_kl "
+                    f"{row['target_kl']:g} nats/token (reports/layer_costs.json), so the full model samples, at "
+                    f"baseline's cost; a higher target_kl skips layers but learns slower on this model")
         return None
 
     def _less_skipping(self) -> str:

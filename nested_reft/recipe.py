@@ -141,7 +141,7 @@ class SkippingConfig(Section):
         None, description="Per-layer skip costs (calibrate-skips output) for 'calibrated'/'adaptive'; "
         "without one the run measures them on its first batch."
     )
-    target_kl: float = Field(0.2, gt=0.0, description="'adaptive': the KL(mu||pi) per token, in nats, to stay at.")
+    target_kl: float = Field(0.1, gt=0.0, description="'adaptive': the KL(mu||pi) per token, in nats, to stay at.")
 
     @model_validator(mode="after")
     def _check(self) -> SkippingConfig:

@@ -151,7 +151,7 @@ class SkipSampler:
         keep_first: int = 1,
         keep_last: int = 1,
         calibration_file: str | Path | None = None,
-        target_kl: float = 0.2,
+        target_kl: float = 0.1,
         seed: int = 0,
     ) -> None:
         if strategy not in STRATEGIES:

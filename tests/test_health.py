@@ -5,7 +5,7 @@ from nested_reft.recipe import load_recipe
 
 
 def row(zero_std=1.0, accuracy=0.0, kl=0.0):
-    return {"frac_reward_zero_std": zero_std, "accuracy": accuracy, "kl_mu_pi": kl}
+    return {"frac_reward_zero_std": zero_std, "accuracy": accuracy, "kl_mu_pi": kl, "skipped_layers": []}
 
 
 def feed(health, rows):
@@ -33,3 +33,23 @@ def test_adaptive_runs_are_pointed_at_their_own_settings():
 def test_a_learning_run_gets_no_warning_and_easy_data_is_named():
     assert feed(TrainingHealth(load_recipe(None)), [row(zero_std=0.5, accuracy=0.3, kl=0.2)] * 20) == [None] * 20
     assert "too easy" in feed(TrainingHealth(load_recipe(None)), [row(accuracy=1.0)] * PATIENCE)[-1]
+
+
+def adaptive_row(skipped, next_count):
+    return row(zero_std=0.5, accuracy=0.2) | {"skipped_layers": skipped, "next_num_skipped": next_count,
+                                              "target_kl": 0.1, "skip_decision": "hold"}
+
+
+def test_an_adaptive_run_that_cannot_skip_is_told_once():
+    health = TrainingHealth(load_recipe(None, ["skipping.strategy=adaptive"]))
+    warnings = feed(health, [adaptive_row([], 0)] * 12)
+    assert "skipping cannot pay" in warnings[0] and "target_kl 0.1 " in warnings[0]
+    assert warnings[1:] == [None] * 11
+
+
+def test_an_adaptive_run_is_told_only_once_it_samples_with_the_full_model_by_decision():
+    health = TrainingHealth(load_recipe(None, ["skipping.strategy=adaptive"]))
+    # the probe batch (full model) decides 1, the layer is measured above the target and lowered to 0: the
+    # batch after that is the first the controller chose to sample with the full model
+    warnings = feed(health, [adaptive_row([], 1), adaptive_row([3], 0), adaptive_row([], 0)])
+    assert warnings[:2] == [None, None] and "skipping cannot pay" in warnings[2]

@@ -335,7 +335,8 @@ def test_calibrated_never_draws_layers_the_profile_leaves_out(tmp_path):
 
 def test_cost_aware_strategies_wait_for_costs_then_use_them(tmp_path):
     for strategy in ("calibrated", "adaptive"):
-        sampler = SkipSampler(20, strategy=strategy, ratio=0.15 if strategy == "calibrated" else 0.0, seed=0)
+        sampler = SkipSampler(20, strategy=strategy, ratio=0.15 if strategy == "calibrated" else 0.0, target_kl=0.2,
+                              seed=0)
         assert sampler.needs_costs and sampler.sample() == (0.0, ())  # the batch the run measures costs on
         sampler.set_costs(LayerCosts.read(write_profile(tmp_path / "p.json", PROFILE, 20), 20))
         assert not sampler.needs_costs and len(sampler.sample()[1]) > 0
