@@ -65,6 +65,7 @@ def train_and_evaluate(config: str, seed: int, args: argparse.Namespace) -> dict
         run([*CLI, "train", recipe, "--overwrite", *[x for s in sets for x in ("--set", s)]], log, args.threads)
         (run_dir / "commit").write_text(commit() + "\n")
         run([*CLI, "evaluate", recipe, "--model", str(run_dir), "--report", str(report),
+             "--limit", str(args.eval_limit),
              *[x for s in args.set for x in ("--set", s)]], log, args.threads)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     saved = args.out / name
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--eval-limit", type=int, default=200, help="Held-out problems each checkpoint is scored on.")
     parser.add_argument("--parallel", type=int, default=1, help="Runs at a time.")
     parser.add_argument("--threads", type=int, default=2, help="Torch threads per run (OMP_NUM_THREADS).")
     parser.add_argument("--set", nargs="*", default=[], help="Extra recipe overrides for every run.")
@@ -101,6 +103,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.parallel) as pool:
         base = None if starting.is_file() else pool.submit(
             run, [*CLI, "evaluate", "recipes/quickstart.yaml", "--report", str(starting),
+                  "--limit", str(args.eval_limit),
                   *[x for s in args.set for x in ("--set", s)]], args.runs_dir / "starting-model.log", args.threads)
         results = list(pool.map(lambda job: train_and_evaluate(*job, args), jobs))
         if base:

@@ -51,9 +51,10 @@ class TrainingHealth:
                     f"the skipped model samples what the policy would not; {self._less_skipping()}")
         if row.get("next_num_skipped") == 0 and not row["skipped_layers"] and not self.told_cannot_pay:
             self.told_cannot_pay = True  # once: it is the model's property, not a passing state
+            costs = self.skipping.calibration_file or "reports/layer_costs.json"
             return (f"skipping cannot pay here: even the cheapest layer is predicted above skipping.target_kl "
-                    f"{row['target_kl']:g} nats/token (reports/layer_costs.json), so the full model samples, at "
-                    f"baseline's cost; a higher target_kl skips layers but learns slower on this model")
+                    f"{row['target_kl']:g} nats/token ({costs}), so the full model samples, at baseline's cost; "
+                    f"a higher target_kl skips layers, at the risk of learning less")
         return None
 
     def _less_skipping(self) -> str:

@@ -83,6 +83,7 @@ def plot_runs(paths: list[Path], out: Path) -> None:
         ax.bar(list(runs), means, bottom=bottoms, color=f"C{i}", label=phase.removeprefix("time_"))
         bottoms = [b + m for b, m in zip(bottoms, means)]
     ax.set_ylabel("mean seconds per step")
+    ax.tick_params(axis="x", labelrotation=20 if len(runs) > 4 else 0)  # many run names would overlap
     ax.legend(fontsize=8)
     save_figure(fig, out)
 
