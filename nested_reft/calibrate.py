@@ -56,7 +56,7 @@ def compare_to_full(model, full_hidden: torch.Tensor, sequences: tuple[torch.Ten
     ids, attention, mask, width = sequences
     with skip_layers(model, skip):
         skipped_hidden = completion_hidden_states(model, ids, attention, width)
-    return _divergence(model, full_hidden, skipped_hidden, mask, params)
+    return _divergence(model, _FullLogProbs(model, full_hidden, mask, params), skipped_hidden, params)
 
 
 @torch.no_grad()
@@ -78,6 +78,7 @@ def single_layer_divergences(model, sequences: tuple[torch.Tensor, torch.Tensor,
     finally:
         for handle in handles:
             handle.remove()
+    full = _FullLogProbs(model, full_hidden, mask, params)  # the same for every layer: computed once if it fits
     results = {}
     for i in layers:
         hidden = _replace_hidden(*calls[i], None)[0]
@@ -87,7 +88,7 @@ def single_layer_divergences(model, sequences: tuple[torch.Tensor, torch.Tensor,
             hidden = output[0] if isinstance(output, tuple) else output
         hidden = decoder.norm(hidden)
         skipped_hidden = hidden[:, width - 1 : -1].reshape(-1, hidden.shape[-1])
-        results[i] = _divergence(model, full_hidden, skipped_hidden, mask, params)
+        results[i] = _divergence(model, full, skipped_hidden, params)
     return results
 
 
@@ -99,15 +100,38 @@ def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor | None) -> t
     return recorded, args, {**kwargs, "hidden_states": hidden if hidden is not None else recorded}
 
 
-def _divergence(model, full_hidden: torch.Tensor, skipped_hidden: torch.Tensor, mask: torch.Tensor,
-                params: SamplingParams, chunk_size: int = 512) -> dict[str, float]:
-    """Both KLs (exact sums over the vocabulary at each position) and greedy agreement between the two models'
-    next-token distributions at the valid completion positions. The LM head runs in chunks, so no [tokens, V]
-    tensor is held for all tokens at once."""
-    valid = mask.reshape(-1)
-    kl_sum, kl_reverse_sum, agree, n = 0.0, 0.0, 0, int(valid.sum())
-    for hf, hs, v in zip(full_hidden.split(chunk_size), skipped_hidden.split(chunk_size), valid.split(chunk_size)):
-        lf, ls = log_probs(model.lm_head(hf[v]), params), log_probs(model.lm_head(hs[v]), params)
+class _FullLogProbs:
+    """The full model's next-token log-probs at the valid completion positions, in chunks of CHUNK positions, so
+    no [tokens, V] tensor is needed at once. When all of them fit in CACHE_ELEMENTS they are kept after the first
+    pass: comparing many skip sets with the same full model then runs its LM head and softmax once."""
+
+    CHUNK = 512
+    CACHE_ELEMENTS = 2**26  # 256 MiB of float32
+
+    def __init__(self, model, full_hidden: torch.Tensor, mask: torch.Tensor, params: SamplingParams):
+        self.model, self.hidden, self.valid, self.params = model, full_hidden, mask.reshape(-1), params
+        self.cache: list[torch.Tensor] | None = []  # None once they turn out not to fit
+
+    def chunks(self):
+        """Yields (the full model's log-probs, the valid mask) per chunk of positions."""
+        for k, (hidden, valid) in enumerate(zip(self.hidden.split(self.CHUNK), self.valid.split(self.CHUNK))):
+            if self.cache is not None and k < len(self.cache):
+                yield self.cache[k], valid
+                continue
+            lp = log_probs(self.model.lm_head(hidden[valid]), self.params)
+            if self.cache is not None and int(self.valid.sum()) * lp.shape[-1] <= self.CACHE_ELEMENTS:
+                self.cache.append(lp)
+            else:
+                self.cache = None
+            yield lp, valid
+
+
+def _divergence(model, full: _FullLogProbs, skipped_hidden: torch.Tensor, params: SamplingParams) -> dict[str, float]:
+    """Both KLs (exact sums over the vocabulary at each position) and greedy agreement between the full and the
+    skipped model's next-token distributions at the valid completion positions, chunk by chunk."""
+    kl_sum, kl_reverse_sum, agree, n = 0.0, 0.0, 0, int(full.valid.sum())
+    for (lf, valid), hs in zip(full.chunks(), skipped_hidden.split(full.CHUNK)):
+        ls = log_probs(model.lm_head(hs[valid]), params)
         kl_sum += (lf.exp() * (lf - ls)).sum().item()
         kl_reverse_sum += (ls.exp() * (ls - lf)).sum().item()
         agree += (lf.argmax(-1) == ls.argmax(-1)).sum().item()
