@@ -87,6 +87,25 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout of the model to 0: `nn.Dropout` modules (LoRA's included) and the attention dropout that
+    transformers applies functionally (`attention_dropout` of the attention modules and the config).
+
+    Training needs it, as verl and OpenRLHF do it: the behavior log-probs are sampled in eval mode and the update's
+    lp and lp_old are compared with them and with each other, so a random mask in one pass and not in the other
+    puts noise into every ratio (q is not 1 on the first pass, and rho is off). Train mode stays on, for
+    gradient checkpointing, which only applies in train mode.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        if isinstance(getattr(config, "attention_dropout", None), float):
+            config.attention_dropout = 0.0
+
+
 def load_model(
     name_or_path: str, *, dtype: str = "float32", device: str = "auto", mixed_precision: str = "no"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

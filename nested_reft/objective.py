@@ -196,30 +196,27 @@ def _within(log_ratio: torch.Tensor, cfg: CorrectionConfig) -> torch.Tensor:
 
 
 def correction_stats(
-    w: torch.Tensor, lp_old: torch.Tensor, lp_b: torch.Tensor, mask: torch.Tensor
+    w: torch.Tensor, lp_old: torch.Tensor, lp_b: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """Weight diagnostics over valid tokens, as python floats.
+    """Weight diagnostics over valid tokens, as python floats (one host read).
 
-    `ess` is (sum w)^2 / (n * sum w^2), in (0, 1] with 1 when every weight is equal; it is 0 when every
-    weight is 0 (no effective sample left). `frac_masked` is the fraction of tokens with weight exactly 0.
-    `kl_mu_pi` is mean(lp_b - lp_old): tokens come from mu_S, so this is the plain Monte-Carlo estimate of
-    KL(mu_S || pi_old) = E_mu[log mu - log pi] (non-negative in expectation; the brief's "lp_old - lp_b" is its
-    negative).
+    `counts` (same shape, default 1) is how many tokens of the batch each token stands for: a measured row that
+    represents a whole group of unmeasured ones counts G times. `ess` is (sum c w)^2 / (sum c * sum c w^2), in
+    (0, 1] with 1 when every weight is equal; it is 0 when every weight is 0 (no effective sample left).
+    `frac_masked` is the fraction of tokens with weight exactly 0. `kl_mu_pi` is the mean of lp_b - lp_old:
+    tokens come from mu_S, so this is the plain Monte-Carlo estimate of KL(mu_S || pi_old) = E_mu[log mu - log pi]
+    (non-negative in expectation; the brief's "lp_old - lp_b" is its negative).
     """
     mask = mask.bool()
     if not mask.any():
         raise ValueError("correction_stats needs at least one valid token")
     w = w.detach().float()[mask]
-    sum_sq = (w * w).sum()
-    ess = (w.sum() ** 2 / (w.numel() * sum_sq)).item() if sum_sq > 0 else 0.0
-    return {
-        "weight_mean": w.mean().item(),
-        "weight_min": w.min().item(),
-        "weight_max": w.max().item(),
-        "frac_masked": (w == 0).float().mean().item(),
-        "ess": ess,
-        "kl_mu_pi": (lp_b.detach().float() - lp_old.detach().float())[mask].mean().item(),
-    }
+    c = torch.ones_like(w) if counts is None else counts.float()[mask]
+    n, sum_cw, sum_cw2 = c.sum(), (c * w).sum(), (c * w * w).sum()
+    ess = torch.where(sum_cw2 > 0, sum_cw**2 / (n * sum_cw2), 0.0)
+    kl = (c * (lp_b.detach().float() - lp_old.detach().float())[mask]).sum() / n
+    values = torch.stack([sum_cw / n, w.min(), w.max(), (c * (w == 0)).sum() / n, ess, kl]).tolist()
+    return dict(zip(("weight_mean", "weight_min", "weight_max", "frac_masked", "ess", "kl_mu_pi"), values))
 
 
 # --- the loss --------------------------------------------------------------------------------------------
@@ -260,8 +257,8 @@ def policy_loss(
     lp_ref: torch.Tensor | None = None,
     num_sequences: int | None = None,
     num_tokens: int | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted PPO-clipped loss (scalar, with grad through `lp`) and detached stats.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted PPO-clipped loss (scalar, with grad through `lp`) and detached sums for statistics.
 
     Per token: l_t = w_t * (-min(q A, clip(q, 1 - eps, 1 + eps_high) A) + beta * k3_t), q = exp(lp - lp_old),
     k3_t = exp(lp_ref - lp) - (lp_ref - lp) - 1. The weight covers the KL term too: both are expectations
@@ -269,8 +266,9 @@ def policy_loss(
     over `num_sequences`; "dapo" divides the token sum by `num_tokens`; "dr_grpo" divides it by
     `num_sequences * max_completion_length`. For gradient accumulation pass the whole batch's counts: the
     micro-batch losses then sum to the full-batch loss (for dr_grpo with max_completion_length None, only if
-    every micro-batch has the same T). Stats cover this call's valid tokens: `clip_frac` (tokens whose
-    gradient the clip zeroes) and, when beta > 0, `kl` (mean k3).
+    every micro-batch has the same T). The sums cover this call's valid tokens, as 0-dim device tensors (no host
+    sync: callers accumulate them over micro-batches and read them once): `clipped_tokens` (tokens whose gradient
+    the clip zeroes) and `kl_sum` (sum of k3; 0 when beta = 0).
     """
     mask = mask.bool()
     if cfg.beta > 0 and lp_ref is None:
@@ -282,12 +280,12 @@ def policy_loss(
     clipped = q.clamp(1 - cfg.epsilon, 1 + eps_high)
     per_token = -torch.minimum(q * adv, clipped * adv)
     zero_grad_by_clip = ((q < 1 - cfg.epsilon) & (adv < 0)) | ((q > 1 + eps_high) & (adv > 0))
-    stats = {"clip_frac": _masked_mean(zero_grad_by_clip, mask)}
+    stats = {"clipped_tokens": (zero_grad_by_clip & mask).sum().float(), "kl_sum": q.new_zeros(())}
     if cfg.beta > 0:
         log_ref_ratio = torch.where(mask, lp_ref.detach() - lp, 0.0)
         k3 = log_ref_ratio.exp() - log_ref_ratio - 1
         per_token = per_token + cfg.beta * k3
-        stats["kl"] = _masked_mean(k3, mask)
+        stats["kl_sum"] = torch.where(mask, k3.detach(), 0.0).sum()
     per_token = torch.where(mask, per_token * weights.detach(), 0.0)
     return _aggregate(per_token, mask, cfg, num_sequences, num_tokens), stats
 
@@ -301,12 +299,8 @@ def _aggregate(
         seq_means = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
         return seq_means.sum() / num_sequences
     if cfg.loss_type == "dapo":
-        num_tokens = int(mask.sum()) if num_tokens is None else num_tokens
+        if num_tokens is None:
+            return per_token.sum() / mask.sum().clamp(min=1)
         return per_token.sum() / max(num_tokens, 1)
     length = per_token.shape[1] if cfg.max_completion_length is None else cfg.max_completion_length
     return per_token.sum() / (num_sequences * length)
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of `values` over the True entries of `mask`, as a python float (0.0 when there are none)."""
-    return values.float()[mask].sum().item() / max(int(mask.sum()), 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from nested_reft.distributed import env_world_size
 from nested_reft.errors import UserError
 from nested_reft.models import EMBEDDED_ALIASES, cache_dir, resolve_device
 from nested_reft.recipe import Recipe
@@ -24,8 +25,20 @@ from nested_reft.tracking import check_available
 def check_training(recipe: Recipe) -> None:
     """Everything `train` can check about `recipe` before it loads data or a model (UserError otherwise)."""
     check_available(recipe.train.report_to)
-    resolve_device(recipe.model.device)
+    check_parallel(recipe, env_world_size())
     check_skipping(recipe)
+
+
+def check_parallel(recipe: Recipe, world_size: int) -> None:
+    """The rollout engine fits the data-parallel strategy. CUDA graphs replay reads of fixed parameter addresses,
+    while FSDP gathers each kept layer into new storage for every rollout: the graphs would be recaptured every
+    step, with all-gathers inside them. The static cache itself runs under FSDP eagerly."""
+    device = resolve_device(recipe.model.device)
+    if (world_size > 1 and recipe.train.parallel == "fsdp" and recipe.rollout.kv_cache == "static"
+            and recipe.rollout.cuda_graphs == "auto" and device.type == "cuda"):
+        raise UserError("rollout.cuda_graphs: auto does not work with train.parallel: fsdp (graphs replay fixed "
+                        "parameter addresses; FSDP regathers the layers for every rollout); set "
+                        "rollout.cuda_graphs: off (the static cache then runs eagerly) or train.parallel: ddp")
 
 
 def check_skipping(recipe: Recipe, *, calibrating: bool = False) -> None:

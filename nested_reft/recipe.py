@@ -43,7 +43,10 @@ class LoraSettings(Section):
 
     r: int = Field(16, ge=1, description="Rank of each adapter.")
     alpha: float = Field(32.0, gt=0.0, description="Scaling numerator: the update is (alpha / r) * B A.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input while training.")
+    dropout: float = Field(
+        0.0, description="Must be 0: RL compares log-probs of the same tokens across passes, and dropout's random "
+        "masks would make every ratio noise (training turns all dropout off, as verl and OpenRLHF do)."
+    )
     target_modules: str | list[str] = Field(
         "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or 'all-linear' (every linear "
         "layer but the LM head)."
@@ -51,6 +54,9 @@ class LoraSettings(Section):
 
     @model_validator(mode="after")
     def _check(self) -> LoraSettings:
+        if self.dropout != 0.0:
+            raise ValueError(f"dropout must be 0, found {self.dropout}: the importance ratios and PPO's q compare "
+                             "log-probs of one deterministic policy, and training turns every dropout off")
         if isinstance(self.target_modules, list) and (not self.target_modules or not all(self.target_modules)):
             raise ValueError("target_modules must name at least one module")
         return self

@@ -1,18 +1,18 @@
 """The generation engine: batched sampling with a KV cache, used by train, evaluate and bench.
 
 One left-padded batch holds every prompt repeated `num_generations` times. A prefill pass fills the cache
-and yields only the last position's logits; then tokens are decoded one at a time. Each token is drawn from
-`sampling.log_probs` (temperature, top-k, top-p), and its log-probability under exactly that distribution is
-recorded as the behavior log-prob `lp_b`. Every step's random number for every row is drawn up front,
-so a row's tokens do not depend on how the batch around it shrinks; with per-prompt `seeds` they do not
-depend on which other prompts share the batch either (a data-parallel rank samples exactly what a single
-process sampling the whole batch does). Rows that have emitted EOS are dropped from the batch and the cache,
-so later steps only compute live rows; their outputs are written back by original row index.
+and yields only the last position's logits; then tokens are decoded one at a time (`decoding.decode`, the one
+decode loop). Each token is drawn from `sampling.log_probs` (temperature, top-k, top-p), and its
+log-probability under exactly that distribution is recorded as the behavior log-prob `lp_b`. Every step's
+random number for every row is drawn up front, so a row's tokens do not depend on how the batch around it
+shrinks; with per-prompt `seeds` they do not depend on which other prompts share the batch either (a
+data-parallel rank samples exactly what a single process sampling the whole batch does). Rows that have
+emitted EOS are dropped from the batch and the cache, so later steps only compute live rows.
 
-Two KV caches (`kv_cache`):
-- "dynamic": transformers' DynamicCache, grown by concatenation every step; the model runs inside
-  `skip_layers`, so the cache has one slot per kept layer. Works for every supported family.
-- "static": preallocated buffers written in place, driven by `static_engine` (one per model, reused across
+Two KV caches (`kv_cache`), behind the same loop:
+- "dynamic": transformers' DynamicCache (`decoding.DynamicDecodeCache`); the model runs inside `skip_layers`,
+  so the cache has one slot per kept layer. Works for every supported family.
+- "static": preallocated buffers written in place (`static_engine`, one engine per model, reused across
   rollouts), which calls the decoder layers itself and leaves the skipped ones out. With `cuda_graphs`
   "auto" on a CUDA device its decode units are replayed from CUDA graphs captured per layer, so every skip
   set reuses the same graphs. Same tokens and log-probs as "dynamic" on CPU.
@@ -20,30 +20,20 @@ Two KV caches (`kv_cache`):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
-from nested_reft.sampling import MASKED_LOGIT, SamplingParams, sample_tokens
+from nested_reft.decoding import DynamicDecodeCache, decode
+from nested_reft.sampling import SamplingParams
 from nested_reft.skipping import decoder_layers, skip_layers, validate_skip_set
-from nested_reft.static_engine import COMPACT_FRACTION, cache_keyword, device_clock, engine_for
+from nested_reft.static_engine import engine_for
 
 KV_CACHES = ("dynamic", "static")
 CUDA_GRAPHS = ("auto", "off")
-
-
-def _status_interval(device: torch.device) -> int:
-    """Steps between host reads of which rows have finished.
-
-    A read synchronises with the device. On CPU that is free; on a GPU it stops the host from queueing the
-    next step while the current one runs, so there we read every few steps and let finished rows idle
-    (emitting padding) until then, at the price of at most that many extra steps at the very end.
-    """
-    return 1 if device.type == "cpu" else 8
 
 
 @dataclass
@@ -93,6 +83,7 @@ def generate(
     kv_cache: str = "dynamic",
     cuda_graphs: str = "auto",
     compile_layers: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Rollout:
     """Sample `num_generations` completions per prompt with decoder layers `skip` bypassed.
 
@@ -103,7 +94,8 @@ def generate(
     (`prompt_uniforms`), whatever else is in the batch. `kv_cache` is "dynamic" or "static"; `cuda_graphs`
     "auto" replays static decoding from CUDA graphs on a CUDA device (never on CPU), "off" runs it eagerly.
     `compile_layers` (static only, experimental) runs each decoder layer's decode step through torch.compile:
-    one compilation shared by every layer and skip set.
+    one compilation shared by every layer and skip set. `should_stop` (polled at each host read of the
+    finished rows) ends decoding early once it returns True; the rollout then holds what was decoded so far.
     """
     _check_arguments(prompts, num_generations, max_new_tokens, min_new_tokens, eos_token_ids)
     if kv_cache not in KV_CACHES or cuda_graphs not in CUDA_GRAPHS:
@@ -127,22 +119,19 @@ def generate(
         uniforms = torch.rand((max_new_tokens, len(prompt_ids)), generator=generator, dtype=torch.float64,
                               device=device)
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
-    if kv_cache == "static":
-        skip = validate_skip_set(skip, len(decoder_layers(model)))
-        with _eval_mode(model):
+    skip = validate_skip_set(skip, len(decoder_layers(model)))
+    with _eval_mode(model), (nullcontext() if kv_cache == "static" else skip_layers(model, skip)):
+        if kv_cache == "static":
             graphs = cuda_graphs == "auto" and device.type == "cuda"
             engine = engine_for(model, len(prompt_ids), prompt_ids.shape[1] + max_new_tokens, graphs=graphs,
-                                compile_layers=compile_layers)
-            decoded, prefill_seconds, decode_seconds = engine.run(
-                prompt_ids, prompt_mask, skip, max_new_tokens, min_new_tokens, params, eos, pad_token_id,
-                uniforms, _status_interval(device),
-            )
-    else:
-        with _eval_mode(model), skip_layers(model, skip):
-            decoded, prefill_seconds, decode_seconds = _decode(
-                model, prompt_ids, prompt_mask, max_new_tokens, min_new_tokens, params, eos, pad_token_id,
-                uniforms,
-            )
+                                compile_layers=compile_layers, skip=skip)
+            cache = engine.begin(skip, params, eos, *prompt_ids.shape, max_new_tokens)
+        else:
+            cache = DynamicDecodeCache(model, params, eos, max_new_tokens)
+        decoded, prefill_seconds, decode_seconds = decode(
+            cache, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos=eos,
+            pad_token_id=pad_token_id, uniforms=uniforms, should_stop=should_stop,
+        )
     completion_ids, completion_mask, behavior_log_probs = decoded
     length = int(completion_mask.sum(1).max())
     return Rollout(
@@ -212,75 +201,3 @@ def _check_arguments(
         raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
     if not eos:
         raise ValueError("generate needs at least one EOS token id")
-
-
-def _decode(
-    model: nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    max_new_tokens: int,
-    min_new_tokens: int,
-    params: SamplingParams,
-    eos: torch.Tensor,
-    pad_token_id: int,
-    uniforms: torch.Tensor,
-) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float, float]:
-    """Prefill, then decode token by token over a DynamicCache (`uniforms` [T, B]: random numbers by row).
-
-    Returns ((ids, mask, log-probs), each [B, max_new_tokens]; prefill seconds; decode seconds).
-    """
-    batch, prompt_width = prompt_ids.shape
-    device = prompt_ids.device
-    out_ids = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    out_mask = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
-    out_log_probs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
-    # Preallocated so that each step passes a growing view instead of concatenating a new mask.
-    attention = torch.cat([prompt_mask, prompt_mask.new_ones((batch, max_new_tokens))], dim=1)
-    cache = DynamicCache(config=model.config)  # created inside skip_layers: one slot per kept layer
-    cache_argument = {cache_keyword(type(model).forward): cache}  # "cache" in current transformers
-
-    start = device_clock(device)
-    logits = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=(prompt_mask.cumsum(1) - 1).clamp_min(0),  # left padding must not shift positions
-        use_cache=True,
-        logits_to_keep=1,
-        **cache_argument,
-    ).logits[:, -1]
-    prefill_end = device_clock(device)
-
-    status_interval = _status_interval(device)
-    rows = torch.arange(batch, device=device)  # original row of each live row
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    positions = prompt_mask.sum(1, keepdim=True)  # position of the next token of each row
-    for step in range(max_new_tokens):
-        if step < min_new_tokens:
-            logits = logits.index_fill(-1, eos, MASKED_LOGIT)
-        token, token_log_prob = sample_tokens(logits, params, uniforms[step].index_select(0, rows))
-        token = token.masked_fill(done, pad_token_id)  # a finished row not yet dropped emits padding
-        out_ids[rows, step] = token
-        out_mask[rows, step] = ~done
-        out_log_probs[rows, step] = token_log_prob.masked_fill(done, 0.0)
-        done = done | torch.isin(token, eos)
-        if step == max_new_tokens - 1:
-            break
-        if (step + 1) % status_interval == 0:
-            finished = int(done.sum())  # the host sync
-            if finished == len(rows):
-                break
-            if finished >= max(1.0, COMPACT_FRACTION * len(rows)):
-                live = (~done).nonzero().squeeze(1)
-                cache.batch_select_indices(live)
-                rows, token, positions, attention = rows[live], token[live], positions[live], attention[live]
-                done = done[live]
-        logits = model(
-            input_ids=token[:, None],
-            attention_mask=attention[:, : prompt_width + step + 1],
-            position_ids=positions,
-            use_cache=True,
-            **cache_argument,
-        ).logits[:, -1]
-        positions = positions + 1
-    end = device_clock(device)
-    return (out_ids, out_mask, out_log_probs), prefill_end - start, end - prefill_end

@@ -1,4 +1,5 @@
-"""The static decode engine: the generation loop over a static KV cache, run eagerly or replayed from CUDA graphs.
+"""The static decode engine: a static KV cache for the decode loop (`decoding.decode`), its model calls run
+eagerly or replayed from CUDA graphs.
 
 A decode step is three kinds of *units*, each a plain function of preallocated tensors:
 
@@ -19,8 +20,6 @@ serves the architectures whose model forward is exactly `embed -> rotary -> laye
 
 from __future__ import annotations
 
-import inspect
-import time
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from nested_reft.decode_graphs import DecodeGraphs
+from nested_reft.decoding import COMPACT_FRACTION, cache_keyword
 from nested_reft.errors import UserError
 from nested_reft.sampling import MASKED_LOGIT, SamplingParams, sample_tokens
 from nested_reft.skipping import decoder_layers
@@ -36,11 +36,6 @@ from nested_reft.static_cache import AttentionMasks, StaticKVCache, prefill_mask
 
 STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
-# Eagerly, drop finished rows once they are at least this fraction of the live batch. Dropping copies the KV
-# cache once (SmolLM2-135M on one CPU core, 16 rows x 200 cached tokens: ~20 ms), and each dropped row saves
-# ~5 ms of every later step (step ~154 ms at 16 rows, ~93 ms at 4), so a drop pays for itself within a few
-# steps; waiting for a couple of rows merely halves the number of copies.
-COMPACT_FRACTION = 0.125
 # Cache lengths are rounded up to this, so that prompts of slightly different lengths reuse one engine.
 LENGTH_QUANTUM = 64
 
@@ -85,11 +80,6 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
         norm=model.model.norm, lm_head=model.lm_head, windows=windows,
         cache_keyword=cache_keyword(type(layers[0]).forward), attention=attention,
     )
-
-
-def cache_keyword(forward) -> str:
-    """The name under which this transformers version's forward takes the KV cache."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def embed_unit(parts: DecoderParts, tokens: torch.Tensor, positions: torch.Tensor):
@@ -165,21 +155,24 @@ class StaticEngine:
 
     def __init__(
         self, model: nn.Module, batch: int, length: int, graphs: bool, bucketed: bool = False,
-        compile_layers: bool = False,
+        compile_layers: bool = False, skip: tuple[int, ...] = (),
     ) -> None:
         """`graphs`: capture and replay CUDA graphs. `bucketed` (implied by graphs): run the very calls that
         graphs capture (batch buckets, whole-length masked reads) eagerly, e.g. to test them on CPU.
         `compile_layers`: decode steps run the layer unit through torch.compile (one compiled graph shared by
-        every layer; batch size symbolic so that the buckets share it too); prefill stays eager."""
+        every layer; batch size symbolic so that the buckets share it too); prefill stays eager. `skip`: layers
+        the current rollout skips, which the engine must not call while it sizes its buffers (a sharded model
+        gathers only the layers it keeps)."""
         self.parts = parts = decoder_parts(model)
         self.bucketed = bucketed or graphs
         self.compiled = compile_layers
         self._layer_unit = torch.compile(layer_unit, dynamic=True) if compile_layers else layer_unit
         self.device = device = next(model.parameters()).device
         self.batch, self.length = batch, length
-        self.signature = _signature(model)
+        self.signature = _signature(model, graphs)
         with torch.no_grad():
-            probe_hidden, (probe_cos, _), probe = self._probe(device)
+            probe_hidden, (probe_cos, _), probe = self._probe(device, next(i for i in range(len(parts.layers))
+                                                                           if i not in set(skip)))
         _, kv_heads, _, head_dim = probe.keys.shape
         self.cache = StaticKVCache(len(parts.layers), batch, length, kv_heads, head_dim, probe.keys.dtype, device,
                                    value_dtype=probe.values.dtype)
@@ -195,8 +188,7 @@ class StaticEngine:
         self.token_log_prob = torch.zeros(batch, dtype=torch.float32, device=device)
         self.ban_eos = torch.zeros(1, dtype=torch.bool, device=device)
         self.is_eos = torch.zeros(parts.lm_head.out_features, dtype=torch.bool, device=device)
-        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.rows = torch.zeros(batch, dtype=torch.long, device=device)  # output row of each slot
+        self.slot_padded = torch.zeros(batch, dtype=torch.bool, device=device)  # the slot's prompt is left-padded
         rope_type = str(getattr(parts.rotary_emb, "rope_type", "default"))
         if graphs and ("dynamic" in rope_type or "longrope" in rope_type):
             raise UserError(f"rollout.cuda_graphs: RoPE type '{rope_type}' recomputes its frequencies from the "
@@ -252,86 +244,81 @@ class StaticEngine:
     def graph_stats(self) -> dict[str, float]:
         return self.graphs.stats() if self.graphs is not None else {"graphs": 0}
 
-    # -- the generation loop --
+    # -- the decode loop's cache interface (decoding.DecodeCache) --
 
-    @torch.no_grad()
-    def run(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, skip: tuple[int, ...], max_new_tokens: int,
-        min_new_tokens: int, params: SamplingParams, eos: torch.Tensor, pad_token_id: int,
-        uniforms: torch.Tensor, status_interval: int,
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float, float]:
-        """Prefill, then decode; same contract as rollout._decode: ((ids, mask, log-probs) [B, T], prefill s, decode s).
-
-        `uniforms` [T, B] are each step's random numbers by original row.
-        """
-        batch, prompt_width = prompt_ids.shape
+    def begin(self, skip: tuple[int, ...], params: SamplingParams, eos: torch.Tensor, batch: int,
+              prompt_width: int, max_new_tokens: int) -> StaticEngine:
+        """Set up a rollout of `batch` prompts of `prompt_width` tokens with layers `skip` bypassed; returns self,
+        ready for `decoding.decode`."""
         if batch > self.batch or prompt_width + max_new_tokens > self.length:
             raise ValueError(f"rollout of {batch} x {prompt_width + max_new_tokens} exceeds the engine's "
                              f"{self.batch} x {self.length}")
         if self.graphs is not None:
             self._capture_heads(params)  # before any state is set: warm-up runs overwrite buffers
         skipped = set(skip)
-        kept = [index for index in range(len(self.parts.layers)) if index not in skipped]
-        device = self.device
-        trash = batch  # output row that idle slots write into
-        out_ids = torch.full((batch + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        out_mask = torch.zeros((batch + 1, max_new_tokens), dtype=torch.bool, device=device)
-        out_log_probs = torch.zeros((batch + 1, max_new_tokens), dtype=torch.float32, device=device)
-        uniforms = torch.cat([uniforms, uniforms.new_zeros((max_new_tokens, 1))], dim=1)
-        width = self._start_width(batch)
-        slots = torch.arange(width, device=device)
-        self.rows[:width] = slots.clamp_max(trash)
-        self.done[:width] = slots >= batch
-        self.positions[:batch, 0] = prompt_mask.sum(1)
-        self.positions[batch:width] = 0  # idle slots: any position will do, but keep them from growing
-        self.write_index.fill_(prompt_width)
-        self.masks.start(prompt_mask)
+        self.kept = [index for index in range(len(self.parts.layers)) if index not in skipped]
+        self.params = params
         self.is_eos.zero_()
         self.is_eos[eos[eos < len(self.is_eos)]] = True  # an id outside the vocabulary can never be drawn
+        return self
 
-        start = device_clock(device)
-        self._prefill(prompt_ids, prompt_mask, kept)
-        prefill_end = device_clock(device)
-        padded = self._padded(prompt_mask, batch)
-        for step in range(max_new_tokens):
-            self.uniform[:width].copy_(uniforms[step].index_select(0, self.rows[:width]))
-            self.ban_eos.fill_(step < min_new_tokens)
-            self._run_head(width, params)
-            token, done, rows = self.token[:width], self.done[:width], self.rows[:width]
-            token.masked_fill_(done, pad_token_id)  # a finished row not yet dropped emits padding
-            out_ids[rows, step] = token
-            out_mask[rows, step] = ~done
-            out_log_probs[rows, step] = self.token_log_prob[:width].masked_fill(done, 0.0)
-            done |= torch.isin(token, eos)
-            if step == max_new_tokens - 1:
-                break
-            if (step + 1) % status_interval == 0:
-                live = width - int(done.sum())  # the host sync
-                if live == 0:
-                    break
-                target = self._target_width(live, width)
-                if target < width:
-                    self._compact(kept, width, target, trash, filled=prompt_width + step)
-                    width = target
-                    padded = self._padded(prompt_mask, width)
-            self._run_body(width, kept, read_length=prompt_width + step + 1, padded=padded)
-            self.positions[:width] += 1
-            self.write_index += 1
-        end = device_clock(device)
-        return (out_ids[:batch], out_mask[:batch], out_log_probs[:batch]), prefill_end - start, end - prefill_end
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
+        """Run the prompts through the kept layers (eagerly, any mode), filling cache slots [0, P); returns the
+        starting width: the batch, or its bucket when bucketed (the slots past the batch idle)."""
+        batch, self.prompt_width = prompt_ids.shape
+        width = self._start_width(batch)
+        self.steps = 0
+        self.positions[:batch, 0] = prompt_mask.sum(1)
+        self.positions[batch:width] = 0  # idle slots: any position will do, but keep them from growing
+        self.write_index.fill_(self.prompt_width)
+        self.masks.start(prompt_mask)
+        self.slot_padded[:batch] = ~prompt_mask.bool().all(1)
+        self.padded = self._padded(batch)
+        self._prefill(prompt_ids, prompt_mask)
+        return width
+
+    def sample(self, uniform: torch.Tensor, ban_eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        width = len(uniform)
+        self.uniform[:width].copy_(uniform)
+        self.ban_eos.fill_(ban_eos)
+        if self.graphs is not None:
+            self.graphs.replay(("head", width, self.params))
+        else:
+            self._head(width, self.params)
+        return self.token[:width], self.token_log_prob[:width]
+
+    def advance(self, token: torch.Tensor) -> None:
+        width = len(token)
+        self.token[:width].copy_(token)
+        self.steps += 1
+        self._run_body(width, self.kept, read_length=self.prompt_width + self.steps, padded=self.padded)
+        self.positions[:width] += 1
+        self.write_index += 1
+
+    def target_width(self, live: int, width: int) -> int:
+        if self.bucketed:
+            return next(size for size in batch_buckets(self.batch) if size >= live)
+        return live if width - live >= max(1.0, COMPACT_FRACTION * width) else width
+
+    def compact(self, keep: torch.Tensor, width: int) -> None:
+        count = len(keep)
+        self.cache.select_rows(self.kept, keep, filled=self.prompt_width + self.steps)
+        self.masks.select_rows(keep)
+        for buffer in (self.token, self.positions, self.slot_padded):
+            buffer[:count] = buffer[keep]
+        self.padded = self._padded(width)
 
     def decode_step(self, width: int, skip: tuple[int, ...], params: SamplingParams) -> None:
-        """One bucketed decode step (embed, kept layers, head) on whatever state the buffers hold, as `run`
-        does it but without recording or advancing: repeated calls rewrite the same cache slot. For profiling;
-        needs a bucketed or graph engine whose head graphs for `params` exist (any earlier `run` made them)."""
+        """One bucketed decode step (embed, kept layers, head) on whatever state the buffers hold, without
+        recording or advancing: repeated calls rewrite the same cache slot. For profiling; needs a bucketed or
+        graph engine whose head graphs for `params` exist (any earlier rollout made them)."""
         if not self.bucketed:
             raise ValueError("decode_step needs a bucketed or graph engine")
         kept = [index for index in range(len(self.parts.layers)) if index not in set(skip)]
         self._run_body(width, kept, read_length=self.length, padded=True)
-        self._run_head(width, params)
+        self.sample(self.uniform[:width].clone(), ban_eos=False)
 
-    def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, kept: list[int]) -> None:
-        """Run the prompts through the kept layers (eagerly, any mode), filling cache slots [0, P)."""
+    def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         batch, width = prompt_ids.shape
         positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)  # left padding must not shift positions
         hidden, position_embeddings = embed_unit(self.parts, prompt_ids, positions)
@@ -340,7 +327,7 @@ class StaticEngine:
         masks = {window: prefill_mask(prompt_mask, window) if padded or (window is not None and width >= window)
                  else None for window in set(self.parts.windows)}
         write = torch.arange(width, device=self.device)
-        for index in kept:
+        for index in self.kept:
             view = self.cache.view(index, batch, write, width)
             hidden = layer_unit(self.parts.layers[index], hidden, position_embeddings, positions,
                                 masks[self.parts.windows[index]], view, self.parts.cache_keyword,
@@ -349,12 +336,6 @@ class StaticEngine:
                 raise RuntimeError(f"decoder layer {index} did not write the static KV cache "
                                    f"(transformers did not pass `{self.parts.cache_keyword}` through)")
         self.hidden[:batch].copy_(hidden[:, -1:])
-
-    def _run_head(self, width: int, params: SamplingParams) -> None:
-        if self.graphs is not None:
-            self.graphs.replay(("head", width, params))
-        else:
-            self._head(width, params)
 
     def _run_body(self, width: int, kept: list[int], read_length: int, padded: bool) -> None:
         """Embed the current tokens and run the kept layers: write slot `write_index`, leave hidden states."""
@@ -381,38 +362,20 @@ class StaticEngine:
             return batch
         return next(size for size in batch_buckets(self.batch) if size >= batch)
 
-    def _target_width(self, live: int, width: int) -> int:
-        if self.bucketed:
-            return next(size for size in batch_buckets(self.batch) if size >= live)
-        return live if width - live >= max(1.0, COMPACT_FRACTION * width) else width
+    def _padded(self, width: int) -> bool:
+        """Whether any of the first `width` slots has prompt padding (exact mode only; bucketed steps always
+        apply masks)."""
+        return self.bucketed or bool(self.slot_padded[:width].any())
 
-    def _compact(self, kept: list[int], width: int, target: int, trash: int, filled: int) -> None:
-        """Move the live rows to the front and mark slots [live, target) idle."""
-        live = (~self.done[:width]).nonzero().squeeze(1)
-        count = len(live)
-        self.cache.select_rows(kept, live, filled)
-        self.masks.select_rows(live)
-        for buffer in (self.token, self.positions, self.rows):
-            buffer[:count] = buffer[live]
-        self.done[:count] = False
-        self.done[count:target] = True
-        self.rows[count:target] = trash
-
-    def _padded(self, prompt_mask: torch.Tensor, width: int) -> bool:
-        """Whether any live row has prompt padding (exact mode only; bucketed steps always apply masks)."""
-        if self.bucketed:
-            return True
-        return not bool(prompt_mask[self.rows[:width]].bool().all())
-
-    def _probe(self, device: torch.device):
-        """One token through the embedding and layer 0: the dtypes and shapes the buffers must have."""
+    def _probe(self, device: torch.device, layer: int):
+        """One token through the embedding and one layer: the dtypes and shapes the buffers must have."""
         tokens = torch.zeros((1, 1), dtype=torch.long, device=device)
         hidden, position_embeddings = embed_unit(self.parts, tokens, tokens)
         probe = _ProbeCache()
-        layer_unit(self.parts.layers[0], hidden, position_embeddings, tokens, None, probe, self.parts.cache_keyword,
-                   self.parts.attention == "eager")
+        layer_unit(self.parts.layers[layer], hidden, position_embeddings, tokens, None, probe,
+                   self.parts.cache_keyword, self.parts.attention == "eager")
         if probe.keys is None:
-            raise RuntimeError(f"decoder layer 0 ignored the `{self.parts.cache_keyword}` argument: this "
+            raise RuntimeError(f"decoder layer {layer} ignored the `{self.parts.cache_keyword}` argument: this "
                                "transformers version is not supported by kv_cache: static")
         return hidden, position_embeddings, probe
 
@@ -425,16 +388,17 @@ _ENGINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], StaticEng
 
 
 def engine_for(
-    model: nn.Module, batch: int, length: int, graphs: bool, compile_layers: bool = False
+    model: nn.Module, batch: int, length: int, graphs: bool, compile_layers: bool = False, skip: tuple[int, ...] = ()
 ) -> StaticEngine:
     """The model's cached engine of this kind (graphs or not, compiled or not) when it fits (batch, length,
-    same parameter tensors and layers), else a new one.
+    same layers and parameter dtypes; for graphs, the same parameter tensors), else a new one (its buffers
+    sized without calling the layers in `skip`).
 
     Capacities only grow, so alternating sizes do not rebuild, except that a graph engine more than twice as
     long as needed is rebuilt: graphs read the whole length every step.
     """
     length = -(-length // LENGTH_QUANTUM) * LENGTH_QUANTUM
-    signature = _signature(model)
+    signature = _signature(model, graphs)
     engines = _ENGINES.setdefault(model, {})
     kind = (graphs, compile_layers)
     engine = engines.pop(kind, None)
@@ -446,7 +410,7 @@ def engine_for(
         batch = max(batch, engine.batch)
         length = length if too_long else max(length, engine.length)
     engine = None  # free the old buffers before allocating new ones
-    engines[kind] = StaticEngine(model, batch, length, graphs, compile_layers=compile_layers)
+    engines[kind] = StaticEngine(model, batch, length, graphs, compile_layers=compile_layers, skip=skip)
     return engines[kind]
 
 
@@ -455,17 +419,16 @@ def release_engine(model: nn.Module) -> None:
     _ENGINES.pop(model, None)
 
 
-def _signature(model: nn.Module) -> tuple:
-    """What an engine is bound to: the parameter tensors (graphs hold their addresses), the layer modules, and
-    the autocast state (it changes the captured kernels and the cache's dtype)."""
+def _signature(model: nn.Module, graphs: bool) -> tuple:
+    """What an engine is bound to: the layer modules, the parameters' dtypes and the autocast state (they set
+    the cache's dtypes and, under graphs, the captured kernels), and for graphs the parameter tensors
+    themselves (a graph replays reads of fixed addresses).
+
+    Eager engines call the modules, whatever tensors they hold at the time: FSDP gathers a layer's parameters
+    into new storage for every rollout, and an optimizer step may replace them, without invalidating one.
+    """
     device = next(model.parameters()).device
     autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-    return (device, autocast, tuple(p.data_ptr() for p in model.parameters()),
+    addresses = tuple(p.data_ptr() for p in model.parameters()) if graphs else ()
+    return (device, autocast, tuple(p.dtype for p in model.parameters()), addresses,
             tuple(id(layer) for layer in decoder_layers(model)))
-
-
-def device_clock(device: torch.device) -> float:
-    """Wall-clock seconds, after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

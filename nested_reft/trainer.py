@@ -1,21 +1,23 @@
 """The training loop: GRPO whose rollouts come from a layer-skipped view of the policy (Nested-ReFT).
 
-One step, top to bottom (see `_train`):
+One step, top to bottom (`_step`):
 
     prompts  -> draw a skip set S -> sample G completions per prompt from mu_S (rollout engine)
-             -> score them (math reward) -> group advantages (scoring)
+             -> score them (reward) -> group advantages (scoring)
              -> num_iterations passes of micro-batched PPO-clipped updates over the rows with signal, each
                 token weighted by an importance-correction weight w(lp_old, lp_b) that accounts for sampling
                 from mu_S, not pi_theta (update)
              -> the skip controller reads the measured KL(mu || pi) (strategy `adaptive`)
-             -> metrics row (with a one-line warning when the run cannot learn), trackers, rollouts, checkpoint
+             -> metrics row (with a one-line warning when the run cannot learn), trackers, rollouts
 
-The empty skip set is baseline ReFT: the same loop, with rho = 1 exactly. Everything a resumed run needs to
-continue bit for bit (weights, optimiser, scheduler, data cursor, skip sampler and controller, RNG, loss scale)
-is in the checkpoint, and per-layer skip costs a run measured for itself are in its reports/; sampling seeds
-are derived from (seed, step, prompt group), so they need no state. A stop request (SIGTERM, Ctrl-C: `stopping`)
-finishes the step, checkpoints it and raises `TrainingStopped`; non-finite steps are skipped and, after
-`train.max_nonfinite_steps` in a row, end the run with the last checkpoint intact (`guards`).
+and around it (`_train`): checkpoints every `save_every` steps, and stopping on request. The empty skip set is
+baseline ReFT: the same loop, with rho = 1 exactly. Everything a resumed run needs to continue bit for bit is in
+the checkpoint (`checkpointing`), and per-layer skip costs a run measured for itself are in its reports/;
+sampling seeds are derived from (seed, step, prompt group), so they need no state. A stop request (SIGTERM,
+SIGUSR1, Ctrl-C: `stopping`) abandons the step if its update is not complete yet, else finishes it; either way
+the last finished step is checkpointed and `TrainingStopped` is raised on every rank once rank 0 has written.
+Non-finite steps are skipped and, after `train.max_nonfinite_steps` in a row, end the run with the last
+checkpoint intact (`guards`).
 
 Under torchrun (`distributed`, `parallel`) every rank runs this same loop on its own contiguous block of the
 step's prompt groups: the data stream, skip sampler and controller are replicated (same seeds, same global
@@ -30,6 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +40,17 @@ import torch
 
 from nested_reft import distributed, lora
 from nested_reft.calibrate import probe_layer_costs
-from nested_reft.data import PromptStream, load_examples
+from nested_reft.checkpointing import TrainingState
+from nested_reft.data import Example, PromptStream, load_examples
 from nested_reft.distributed import World
 from nested_reft.errors import UserError
 from nested_reft.evaluate import evaluate_examples
-from nested_reft.guards import NonFiniteGuard, check_finite_parameters
+from nested_reft.guards import NonFiniteGuard
 from nested_reft.health import TrainingHealth
 from nested_reft.memory import set_gradient_checkpointing
-from nested_reft.models import base_model_path, load_model, peak_memory_mb
+from nested_reft.models import base_model_path, disable_dropout, load_model, peak_memory_mb, reset_peak_memory
 from nested_reft.parallel import Parallel
+from nested_reft.preflight import check_parallel
 from nested_reft.precision import MasterWeights, resolve_runtime
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import Recipe
@@ -55,11 +60,10 @@ from nested_reft.sampling import SamplingParams
 from nested_reft.scoring import RewardFn, batch_metrics, math_reward_fn, save_rollouts, score
 from nested_reft.skip_control import LayerCosts
 from nested_reft.skipping import SkipSampler, decoder_layers
-from nested_reft.stopping import GracefulStop, TrainingStopped
+from nested_reft.stopping import GracefulStop, StepAbandoned, StopCheck, TrainingStopped
 from nested_reft.tracking import Tracker
 from nested_reft.update import Reference, lr_lambda, optimise
 
-TRAINER_STATE = "trainer_state.pt"
 LAYER_COSTS = "layer_costs.json"  # in reports/: the per-layer skip costs a run measured for itself
 PROBE_ROWS = 4  # completions (one per prompt) the per-layer cost probe runs on: ~1 forward per eligible layer
 
@@ -73,13 +77,14 @@ def sampling_seed(seed: int, step: int, group: int) -> int:
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reward_fn: RewardFn | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None, stop: GracefulStop | None = None) -> RunDir:
     """Run (or resume) the recipe's training; returns its run directory. `on_step` receives each metrics row.
-    When `stop` is requested, the step being run finishes, is checkpointed, and `TrainingStopped` is raised.
+    When `stop` is requested, the last finished step is checkpointed and `TrainingStopped` is raised.
 
     Under torchrun every rank calls this with the same arguments and receives the same (global) rows. A rank
     that fails leaves the process group on its way out, so its peers stop too (`distributed.PeerFailure`).
     """
-    # The world size is checked before anything else, so that a bad split is the same error on every rank.
+    # The world is checked before anything else, so that a bad split is the same error on every rank.
     distributed.check_world(recipe.train.prompts_per_step, distributed.env_world_size())
+    check_parallel(recipe, distributed.env_world_size())
     world = distributed.init(recipe.model.device, recipe.train.distributed_timeout_s)
     try:
         return _train(recipe, world, resume=resume, overwrite=overwrite, reward_fn=reward_fn, on_step=on_step,
@@ -96,8 +101,132 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, rewa
         distributed.teardown(world)
 
 
+@dataclass
+class Session:
+    """One training run between its steps: the checkpointed state and what the steps use alongside it."""
+
+    recipe: Recipe
+    world: World
+    run: RunDir
+    state: TrainingState
+    reference: Reference | None
+    reward_fn: RewardFn
+    eval_examples: list[Example]
+    source: str
+    tracker: Tracker
+    health: TrainingHealth
+    guard: NonFiniteGuard
+    params: SamplingParams
+    eos: set[int]
+    start_step: int
+    clock_start: float  # perf_counter() at the run's step 0, counting the time before a resume
+
+
 def _train(recipe: Recipe, world: World, *, resume: bool, overwrite: bool, reward_fn: RewardFn | None,
            on_step: Callable[[dict[str, Any]], None] | None, stop: GracefulStop | None) -> RunDir:
+    s = _start(recipe, world, resume=resume, overwrite=overwrite, reward_fn=reward_fn)
+    recipe, state, stops, saved = s.recipe, s.state, StopCheck(stop, world), s.start_step
+    with s.tracker:
+        for step in range(s.start_step + 1, recipe.train.steps + 1):
+            drawn = state.snapshot()
+            try:
+                row = _step(s, step, stops)
+            except StepAbandoned as abandoned:  # no weight has changed: the last finished step is the one to keep
+                state.restore(drawn)
+                if step - 1 > saved:
+                    state.save(s.run, step - 1, recipe.train.keep_last)
+                _stopped(s, step - 1, abandoned.signum, abandoned=step)
+            signum = stops.agreed()  # every rank stops at the same step
+            if step % recipe.train.save_every == 0 or step == recipe.train.steps or signum:
+                state.save(s.run, step, recipe.train.keep_last)
+                saved = step
+            if on_step:
+                on_step(row)
+            if signum and step < recipe.train.steps:
+                _stopped(s, step, signum)
+    world.barrier()  # every rank returns once rank 0 has written the last checkpoint
+    return s.run
+
+
+def _stopped(s: Session, step: int, signum: int, abandoned: int | None = None) -> None:
+    """End a stopped run on every rank, once rank 0 has written its checkpoint, with the same exit code."""
+    checkpoint = s.world.on_main(s.run.latest_checkpoint)  # a collective: rank 0 has finished writing
+    raise TrainingStopped(step, checkpoint, signum, abandoned=abandoned)
+
+
+def _step(s: Session, step: int, stops: StopCheck) -> dict[str, Any]:
+    """One training step (module docstring); returns its metrics row, already logged. Raises `StepAbandoned`
+    when a stop was requested before the update changed any weight."""
+    recipe, world, state = s.recipe, s.world, s.state
+    group_size = recipe.rollout.num_generations
+    first_group, examples = world.shard(state.stream.next(recipe.train.prompts_per_step))  # this rank's groups
+    ratio, skip = state.sampler.sample()
+    reset_peak_memory(state.device)
+    t0 = time.perf_counter()
+    with state.policy.gathered(skip):  # sharded: the kept layers are gathered once for the whole rollout
+        rollout = generate(
+            state.model, encode_prompts(state.tokenizer, [e.question for e in examples], recipe.data),
+            num_generations=group_size, max_new_tokens=recipe.rollout.max_completion_length, params=s.params,
+            eos_token_ids=s.eos, pad_token_id=state.tokenizer.pad_token_id, skip=skip,
+            seeds=[sampling_seed(recipe.run.seed, step, first_group + g) for g in range(len(examples))],
+            kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs, should_stop=stops.local)
+        stops.check()
+        t1 = time.perf_counter()
+        if state.sampler.needs_costs:  # once per run: per-layer skip costs, measured on this full-model batch
+            costs = measure_layer_costs(state.model, rollout, world, first_group, group_size,
+                                        state.sampler.eligible, s.params)
+            if world.is_main:
+                costs.write(s.run.reports_dir / LAYER_COSTS)
+            state.sampler.set_costs(costs)
+    t2 = time.perf_counter()
+    batch = score(rollout, examples, state.tokenizer, s.reward_fn, group_size, recipe.objective.scale_rewards, world)
+    t3 = time.perf_counter()
+    stops.check()
+    stats = optimise(state.model, s.reference, state.optimizer, state.scheduler, batch, recipe, s.params,
+                     state.masters, policy=state.policy, stop=stops)
+    control = state.sampler.observe(skip, stats["kl_mu_pi"])  # the global KL: every rank's controller agrees
+    t4 = time.perf_counter()
+
+    # The slowest rank sets the pace; tokens/sec is the whole batch's tokens over that time.
+    times = world.max(t1 - t0, t2 - t1, t3 - t2, t4 - t3, rollout.prefill_seconds + rollout.decode_seconds,
+                      peak_memory_mb(state.device))
+    row: dict[str, Any] = {
+        "step": step, **batch_metrics(batch, group_size, world), "skip_ratio": ratio,
+        "skipped_layers": list(skip), **stats, **control, "lr": state.scheduler.get_last_lr()[0],
+        "time_generate": times[0], "time_probe": times[1], "time_score": times[2], "time_train": times[3],
+        "rollout_tokens_per_sec": world.sum(rollout.tokens_generated)[0] / times[4] if times[4] > 0 else 0.0,
+        "peak_memory_mb": times[5],  # of this step: the peak is reset when the step starts
+    }
+    if s.eval_examples and step % recipe.train.eval_every == 0:
+        row["eval_pass@1"] = _evaluate(s, step)
+    if warning := s.health.check(row):
+        row["warning"] = warning
+    row["time_elapsed"] = time.perf_counter() - s.clock_start
+    if world.is_main:
+        s.run.log_metrics(row)
+        s.tracker.log(row)
+    if recipe.train.log_rollouts_every and step % recipe.train.log_rollouts_every == 0:
+        save_rollouts(s.run, step, batch, examples, group_size, world)
+    s.guard.step_done(step, stats["nonfinite_updates"])  # raises after max_nonfinite_steps in a row
+    return row
+
+
+def _evaluate(s: Session, step: int) -> float:
+    """pass@1 of the policy on the recipe's eval set; rank 0 evaluates the whole set while the others wait."""
+    recipe, state = s.recipe, s.state
+    with state.policy.gathered():
+        report = s.world.on_main(lambda: evaluate_examples(
+            state.model, state.tokenizer, s.eval_examples, recipe.data,
+            max_new_tokens=recipe.rollout.max_completion_length, reward_cfg=recipe.reward, seed=recipe.run.seed,
+            kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs))
+    if s.world.is_main:
+        s.run.write_report(f"eval-step-{step}", report.to_dict(model=str(s.source), data=recipe.data.eval))
+    return report.metrics["pass@1"]
+
+
+def _start(recipe: Recipe, world: World, *, resume: bool, overwrite: bool, reward_fn: RewardFn | None) -> Session:
+    """Everything a run needs before its first step, in the order that fails fastest: data, run directory,
+    model, optimiser, then the checkpoint's state when resuming."""
     # Data first: bad data fails in a second, before a model is loaded or a run directory is touched.
     data = recipe.data
     stream = PromptStream(load_examples(data.train, split=data.train_split, limit=data.train_limit,
@@ -119,123 +248,33 @@ def _train(recipe: Recipe, world: World, *, resume: bool, overwrite: bool, rewar
     policy = Parallel(model, world, recipe.train.parallel)  # ddp: replicas made equal; fsdp: layers sharded
     masters = MasterWeights(model, recipe.model.mixed_precision)  # compute dtype in the model, masters for AdamW
     set_gradient_checkpointing(model, recipe.train.gradient_checkpointing)
-    device = next(model.parameters()).device
-
     sampler = SkipSampler.from_config(recipe.skipping, len(decoder_layers(model)), recipe.run.seed)
     costs_path = run.reports_dir / LAYER_COSTS
-    if resume and sampler.needs_costs and costs_path.is_file():  # measured by this run before it stopped
+    # Costs this run measured before it stopped; a resume without a checkpoint starts over and measures again.
+    if checkpoint is not None and sampler.needs_costs and costs_path.is_file():
         sampler.set_costs(LayerCosts.read(costs_path, sampler.num_layers))
-    health, guard = TrainingHealth(recipe), NonFiniteGuard(recipe.train.max_nonfinite_steps)
-    reward_fn = reward_fn or math_reward_fn(recipe)
     opt = recipe.optimizer
     optimizer = torch.optim.AdamW(masters.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
     total_updates = recipe.train.steps * recipe.objective.num_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, total_updates, opt.schedule))
-    params = SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p)
-    eos = eos_token_ids(tokenizer, model.generation_config)
-    group_size = recipe.rollout.num_generations
-
+    device = next(model.parameters()).device
+    state = TrainingState(model, tokenizer, adapters, masters, policy, optimizer, scheduler, stream, sampler, world,
+                          device)
     start, elapsed_before = 0, 0.0
     if checkpoint is not None:
-        state = torch.load(checkpoint / TRAINER_STATE, weights_only=False)
-        policy.load_optimizer_state_dict(optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        masters.load_state_dict(state.get("precision", {}))
-        stream.load_state_dict(state["data"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(_own_rng_state(state["torch_rng"], world))
-        start = state["step"]
+        start = state.load(checkpoint)
         elapsed_before = world.on_main(lambda: max((row.get("time_elapsed", 0.0) for row in run.read_metrics()),
                                                    default=0.0))
-
-    def save(step: int) -> None:
-        """A checkpoint of the weights the optimiser holds (gathered on every rank, written by rank 0)."""
-        optimizer_state = policy.optimizer_state_dict(optimizer)
-        rng = world.gather_objects(torch.get_rng_state()) if world.distributed else torch.get_rng_state()
-        with masters.masters_in_model():
-            check_finite_parameters(model, step)  # non-finite weights never reach a checkpoint
-            model_state = policy.model_state_dict()
-
-            def write(folder: Path) -> None:
-                if adapters is not None:
-                    adapters.save(folder, model_state)
-                else:
-                    model.save_pretrained(folder, state_dict=model_state, safe_serialization=True)
-                tokenizer.save_pretrained(folder)
-                torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                            "data": stream.state_dict(), "sampler": sampler.state_dict(), "torch_rng": rng,
-                            "precision": masters.state_dict()}, folder / TRAINER_STATE)
-
-            if world.is_main:
-                run.save_checkpoint(step, write, keep_last=recipe.train.keep_last)
-
     tracker = (Tracker.open(recipe.train.report_to, run.root, recipe.model_dump(mode="json"), start_step=start)
                if world.is_main else Tracker([]))
-    with tracker:
-        clock = time.perf_counter() - elapsed_before
-        for step in range(start + 1, recipe.train.steps + 1):
-            first_group, examples = world.shard(stream.next(recipe.train.prompts_per_step))  # this rank's groups
-            ratio, skip = sampler.sample()
-            t0 = time.perf_counter()
-            with policy.gathered(skip):  # sharded: the kept layers are gathered once for the whole rollout
-                rollout = generate(
-                    model, encode_prompts(tokenizer, [e.question for e in examples], data),
-                    num_generations=group_size, max_new_tokens=recipe.rollout.max_completion_length,
-                    params=params, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, skip=skip,
-                    seeds=[sampling_seed(recipe.run.seed, step, first_group + g) for g in range(len(examples))],
-                    kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs,
-                )
-                t1 = time.perf_counter()
-                if sampler.needs_costs:  # once per run: per-layer skip costs, measured on this full-model batch
-                    costs = measure_layer_costs(model, rollout, world, first_group, group_size, sampler.eligible,
-                                                params)
-                    if world.is_main:
-                        costs.write(costs_path)
-                    sampler.set_costs(costs)
-            t2 = time.perf_counter()
-            batch = score(rollout, examples, tokenizer, reward_fn, group_size, recipe.objective.scale_rewards, world)
-            t3 = time.perf_counter()
-            stats = optimise(model, reference, optimizer, scheduler, batch, recipe, params, masters, policy=policy)
-            control = sampler.observe(skip, stats["kl_mu_pi"])  # the global KL: every rank's controller agrees
-            t4 = time.perf_counter()
-
-            # The slowest rank sets the pace; tokens/sec is the whole batch's tokens over that time.
-            times = world.max(t1 - t0, t2 - t1, t3 - t2, t4 - t3, rollout.prefill_seconds + rollout.decode_seconds,
-                              peak_memory_mb(device))
-            row: dict[str, Any] = {
-                "step": step, **batch_metrics(batch, group_size, world), "skip_ratio": ratio,
-                "skipped_layers": list(skip), **stats, **control, "lr": scheduler.get_last_lr()[0],
-                "time_generate": times[0], "time_probe": times[1], "time_score": times[2], "time_train": times[3],
-                "rollout_tokens_per_sec": world.sum(rollout.tokens_generated)[0] / times[4] if times[4] > 0 else 0.0,
-                "peak_memory_mb": times[5],
-            }
-            if eval_examples and step % recipe.train.eval_every == 0:
-                with policy.gathered():  # rank 0 evaluates the whole set while the others wait
-                    report = world.on_main(lambda: evaluate_examples(
-                        model, tokenizer, eval_examples, data, max_new_tokens=recipe.rollout.max_completion_length,
-                        reward_cfg=recipe.reward, seed=recipe.run.seed, kv_cache=recipe.rollout.kv_cache,
-                        cuda_graphs=recipe.rollout.cuda_graphs))
-                row["eval_pass@1"] = report.metrics["pass@1"]
-                if world.is_main:
-                    run.write_report(f"eval-step-{step}", report.to_dict(model=str(source), data=data.eval))
-            if warning := health.check(row):
-                row["warning"] = warning
-            row["time_elapsed"] = time.perf_counter() - clock
-            if world.is_main:
-                run.log_metrics(row)
-                tracker.log(row)
-            if recipe.train.log_rollouts_every and step % recipe.train.log_rollouts_every == 0:
-                save_rollouts(run, step, batch, examples, group_size, world)
-            guard.step_done(step, stats["nonfinite_updates"])  # raises after max_nonfinite_steps in a row
-            stopping = bool(world.max(float(stop is not None and stop.requested))[0])  # every rank stops together
-            if step % recipe.train.save_every == 0 or step == recipe.train.steps or stopping:
-                save(step)
-            if on_step:
-                on_step(row)
-            if stopping and step < recipe.train.steps:
-                raise TrainingStopped(step, run.latest_checkpoint(), stop.signum if stop else None)
-    world.barrier()  # every rank returns once rank 0 has written the last checkpoint
-    return run
+    return Session(
+        recipe=recipe, world=world, run=run, state=state, reference=reference,
+        reward_fn=reward_fn or math_reward_fn(recipe), eval_examples=eval_examples, source=source, tracker=tracker,
+        health=TrainingHealth(recipe), guard=NonFiniteGuard(recipe.train.max_nonfinite_steps),
+        params=SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p),
+        eos=eos_token_ids(tokenizer, model.generation_config), start_step=start,
+        clock_start=time.perf_counter() - elapsed_before,
+    )
 
 
 def _load_policy(recipe: Recipe, world: World, source: str,
@@ -243,12 +282,14 @@ def _load_policy(recipe: Recipe, world: World, source: str,
     """(model, tokenizer, LoRA adapters or None, the frozen KL reference or None) of a new or resumed run.
 
     LoRA: the base loads from the source and a checkpoint holds only the adapters. The reference (beta > 0) is
-    the starting policy: the base with its adapters switched off, or else a second, frozen copy.
+    the starting policy: the base with its adapters switched off, or else a second, frozen copy. Dropout is
+    off: lp_b, lp_old and lp must be log-probs of one deterministic policy, or every ratio carries noise.
     """
     where = str(world.device) if world.distributed else recipe.model.device
     cfg = recipe.model
     model, tokenizer = load_model(str(source if cfg.lora else checkpoint or source), dtype=cfg.dtype, device=where)
     adapters = lora.attach(model, cfg.lora, base_model_path(source), checkpoint) if cfg.lora else None
+    disable_dropout(model)
     reference: Reference | None = None
     if recipe.objective.beta > 0:
         if adapters is not None:
@@ -258,14 +299,6 @@ def _load_policy(recipe: Recipe, world: World, source: str,
             ref_model.requires_grad_(False)
             reference = lambda: nullcontext(ref_model)  # noqa: E731
     return model, tokenizer, adapters, reference
-
-
-def _own_rng_state(saved: torch.Tensor | list[torch.Tensor], world: World) -> torch.Tensor:
-    """This rank's saved torch RNG state (a distributed run saves one per rank; resumed with another number
-    of ranks, every rank takes rank 0's: only dropout draws from it)."""
-    if isinstance(saved, torch.Tensor):
-        return saved
-    return saved[world.rank] if len(saved) == world.size else saved[0]
 
 
 def measure_layer_costs(model, rollout: Rollout, world: World, first_group: int, group_size: int,

@@ -2,16 +2,21 @@
 scored batch, and the learning-rate schedule they follow.
 
 Per token, the loss is the PPO-clipped surrogate weighted by an off-policy correction w(lp_old, lp_b) for having
-sampled from the layer-skipped mu_S rather than pi_theta (`objective`). Three things make this more than a loop
-over micro-batches:
+sampled from the layer-skipped mu_S rather than pi_theta (`objective`). `optimise` reads as the update:
+
+    plan the rows (`UpdatePlan`) -> lp_old and lp_ref without gradients -> per pass: micro-batched backward
+    passes, then one optimiser step -> statistics of the batch
+
+Four things make this more than a loop over micro-batches:
 
 - **No update without signal.** With beta = 0 every term of a row's loss is multiplied by its advantage, so a row
   with advantage 0 (every row of a group whose rewards are all equal) adds exactly 0 to the loss and gradient.
   Those rows get no forward and backward pass; the loss still divides by the whole batch's sequence and token
   counts, so it equals computing everything (up to float summation order). A batch without any such row changes
   no weight (`update_skipped`). Off-policy, one completion of each silent group still gets a no-grad forward for
-  lp_old: the KL and weight statistics (which the adaptive skip controller reads) must stay measurable exactly
-  when a behavior model that is too far away earns no reward.
+  lp_old, and stands for its group's G rows in the statistics: the KL and weight statistics (which the adaptive
+  skip controller reads) must stay measurable, and unbiased, exactly when a behavior model that is too far away
+  earns no reward.
 - **Precision.** `masters` (`precision.MasterWeights`) receives the gradients, is clipped and stepped in float32,
   and is written back into the low-precision model. A step whose loss or gradient norm is not finite changes
   nothing (`nonfinite_updates`); under fp16 the loss scaler handles overflow itself.
@@ -19,12 +24,19 @@ over micro-batches:
   gradients are summed over ranks, and the update is skipped only when no rank has a row with signal. Passes
   without gradients run inside `policy.gathered()`; sharded gradient passes are padded to the same count on
   every rank.
+- **No host sync per micro-batch.** Losses, clip counts and KL sums accumulate on the device and are read once
+  per pass, so a GPU never waits for the host between micro-batches.
 
 lp_old (the policy before the update, no grad) of a trained row equals the detached lp of the first pass, which
 saves a forward unless there are several passes. With the empty skip set the behavior policy *is* pi_old, so lp_b
 is taken to be lp_old: baseline ReFT is exactly on-policy (rho = 1) rather than carrying the sampler's rounding
 into every correction. What that substitution hides is logged as `sampler_lp_abs_diff` / `sampler_lp_bias` (the
-KV-cached sampler against the full forward: ~1e-6 in float32, a few 1e-2 nats per token in bf16).
+KV-cached sampler against the full forward: ~1e-6 in float32, up to a few 1e-2 nats per token in bf16, exactly 0
+on CPUs whose bf16 kernels happen to agree).
+
+A stop request (`stop`, see `stopping.StopCheck`) makes a rank skip its remaining micro-batches; before the
+optimiser step the ranks agree, and if any asked, the update is abandoned with no weight changed
+(`stopping.StepAbandoned`).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,6 +63,7 @@ from nested_reft.precision import MasterWeights
 from nested_reft.recipe import Recipe
 from nested_reft.sampling import SamplingParams
 from nested_reft.scoring import ScoredRollout
+from nested_reft.stopping import StopCheck
 
 # reference() -> a context in which the yielded model is the frozen KL reference (objective.beta > 0).
 Reference = Callable[[], AbstractContextManager]
@@ -69,107 +83,168 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[i
     return factor
 
 
+@dataclass
+class UpdatePlan:
+    """Which rows of this rank's batch the update trains and measures, and the global counts the loss divides by."""
+
+    input_ids: torch.Tensor  # [B, P + T] prompt + completion
+    attention: torch.Tensor  # [B, P + T]
+    prompt_width: int
+    mask: torch.Tensor  # [B, T] completion tokens
+    advantages: torch.Tensor  # [B]
+    sampler_log_probs: torch.Tensor  # [B, T] what the sampler recorded: lp_b off-policy
+    on_policy: bool  # the empty skip set: lp_b := lp_old
+    train_rows: torch.Tensor  # rows with signal: forward and backward
+    measure_rows: torch.Tensor  # silent rows whose lp_old is still measured (one per group, off-policy)
+    row_weight: torch.Tensor  # [B] how many rows of the batch each row stands for in the statistics
+    num_sequences: int  # the whole batch's (every rank's)
+    num_tokens: int
+    signal: bool  # some rank has a row with signal
+
+    @classmethod
+    def of(cls, batch: ScoredRollout, group_size: int, world, *, skip_zero_advantage: bool, beta: float) -> UpdatePlan:
+        r = batch.rollout
+        input_ids, attention = r.sequences()
+        mask = r.completion_mask
+        device = mask.device
+        advantages = batch.advantages.to(device)
+        off_policy = bool(r.skipped_layers)
+        trained = advantages != 0 if skip_zero_advantage and beta == 0 else torch.ones_like(advantages, dtype=torch.bool)
+        first_of_group = torch.arange(len(trained), device=device) % group_size == 0
+        silent = ~trained & first_of_group if off_policy else torch.zeros_like(trained)
+        # A silent group's measured row stands for all G of its rows: the statistics are the batch's as sampled.
+        row_weight = torch.where(silent, float(group_size), trained.float())
+        train_rows, measure_rows = trained.nonzero().squeeze(1), silent.nonzero().squeeze(1)
+        n_seq, n_tok, n_train = world.sum(input_ids.shape[0], mask.sum().item(), len(train_rows))
+        return cls(input_ids, attention, r.prompt_ids.shape[1], mask, advantages, r.behavior_log_probs,
+                   not off_policy, train_rows, measure_rows, row_weight, int(n_seq), int(n_tok), n_train > 0)
+
+    def micro_batches(self, rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+        return list(rows.split(size)) if len(rows) else []
+
+
 def optimise(model, reference: Reference | None, optimizer, scheduler, batch: ScoredRollout, recipe: Recipe,
              params: SamplingParams, masters: MasterWeights | None = None, *, policy: Parallel | None = None,
-             skip_zero_advantage: bool = True) -> dict[str, Any]:
+             skip_zero_advantage: bool = True, stop: StopCheck | None = None) -> dict[str, Any]:
     """Update the policy on this rank's part of a scored batch (see the module docstring); returns the metrics
-    of the whole batch: correction statistics, loss, grad norm, clip fraction, trained rows, skipped updates."""
+    of the whole batch: correction statistics, loss, grad norm, clip fraction, trained rows, skipped updates.
+    Raises `stopping.StepAbandoned`, with no weight changed, when a stop was requested on any rank."""
     masters = masters or MasterWeights(model, "no")
     policy = policy or no_parallel(model)
-    world = policy.world
-    obj, mb = recipe.objective, recipe.train.micro_batch_size
-    r = batch.rollout
-    device = r.completion_ids.device
-    input_ids, attention = r.sequences()
-    mask = r.completion_mask
-    n_seq, n_tok = (int(n) for n in world.sum(input_ids.shape[0], int(mask.sum())))  # the whole batch's
-    width = r.prompt_ids.shape[1]
+    obj = recipe.objective
+    plan = UpdatePlan.of(batch, recipe.rollout.num_generations, policy.world,
+                         skip_zero_advantage=skip_zero_advantage, beta=obj.beta)
     correction = CorrectionConfig(kind=obj.correction, threshold=obj.is_threshold, mask_low=obj.mask_low,
                                   mask_high=obj.mask_high, retrace_lambda=obj.retrace_lambda)
     loss_cfg = LossConfig(loss_type=obj.loss_type, epsilon=obj.epsilon, epsilon_high=obj.epsilon_high,
                           beta=obj.beta, max_completion_length=recipe.rollout.max_completion_length)
-    advantages = batch.advantages.to(device)
-    off_policy = bool(r.skipped_layers)
-    trained = advantages != 0 if skip_zero_advantage and obj.beta == 0 else torch.ones_like(advantages, dtype=torch.bool)
-    train_rows = trained.nonzero().squeeze(1)
-    silent = ~trained & (torch.arange(len(trained), device=device) % recipe.rollout.num_generations == 0)
-    measure_rows = silent.nonzero().squeeze(1) if off_policy else train_rows[:0]
+    lp_old, lp_ref = _log_probs_without_grad(model, reference, policy, plan, params, recipe)
 
-    def micro_batches(rows: torch.Tensor) -> list[torch.Tensor]:
-        return list(rows.split(mb)) if len(rows) else []
-
-    def log_probs(rows: torch.Tensor, m=None) -> torch.Tensor:
-        """With grad: through `policy` (sharded passes are collectives); without: `m` as a plain model (its
-        layers already gathered by `policy.gathered()`)."""
-        if m is None:
-            return policy.log_probs(input_ids[rows], attention[rows], width, params, obj.logprob_chunk_size)
-        return completion_log_probs(m, input_ids[rows], attention[rows], width, params, obj.logprob_chunk_size)
-
-    lp_old = torch.zeros(mask.shape, dtype=torch.float32, device=device)  # filled for every row that is used
-    lp_ref = None
-    with torch.no_grad(), policy.gathered():
-        for rows in micro_batches(measure_rows if obj.num_iterations == 1 else torch.cat([measure_rows, train_rows])):
-            lp_old[rows] = log_probs(rows, model)
-        if reference is not None:
-            lp_ref = torch.zeros_like(lp_old)
-            with reference() as ref_model:
-                for rows in micro_batches(train_rows):
-                    lp_ref[rows] = log_probs(rows, ref_model)
-
-    signal = world.sum(len(train_rows))[0] > 0  # some rank has a row with signal: every rank updates
     model.train()
-    loss_sum, clip_sum, kl_sum, grad_norm, nonfinite = 0.0, 0.0, 0.0, 0.0, 0
+    sums, grad_norm, nonfinite = torch.zeros(3), 0.0, 0
     for _ in range(obj.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, clip_sum, kl_sum = 0.0, 0.0, 0.0
-        for rows in policy.pad(micro_batches(train_rows)):
-            if rows is None:  # sharded, with fewer micro-batches than another rank: join its collectives, add 0
-                masters.backward(log_probs(train_rows.new_zeros(1)).sum() * 0.0)
-                continue
-            lp = log_probs(rows)
-            if obj.num_iterations == 1:
-                lp_old[rows] = lp.detach()
-            old = lp_old[rows]
-            w = correction_weights(old, r.behavior_log_probs[rows] if off_policy else old, mask[rows], correction)
-            loss, info = policy_loss(lp, old, advantages[rows], w, mask[rows], loss_cfg,
-                                     lp_ref=None if lp_ref is None else lp_ref[rows],
-                                     num_sequences=n_seq, num_tokens=n_tok)
-            masters.backward(loss)
-            loss_sum += loss.item()
-            clip_sum += info["clip_frac"] * int(mask[rows].sum())
-            kl_sum += info.get("kl", 0.0) * int(mask[rows].sum())
-        if signal:
+        sums = _backward_passes(policy, masters, optimizer, plan, lp_old, lp_ref, params, recipe, correction,
+                                loss_cfg, stop)
+        if stop is not None:
+            stop.check()  # every rank agrees before any weight changes: abandon the step, or go on together
+        if plan.signal:
             policy.sync_gradients(masters.params)
             grad_norm = masters.clip_grad_norm_(recipe.optimizer.max_grad_norm, clip=policy.clip_grad_norm_)
         # The same decision on every rank (they share the summed gradients); under fp16 an overflowing gradient
         # is the loss scaler's business (it skips the step and backs off).
-        if finite(world.sum(loss_sum)[0]) and (finite(grad_norm) or masters.compute_dtype == torch.float16):
+        if finite(policy.world.sum(sums[0].item())[0]) and (finite(grad_norm)
+                                                            or masters.compute_dtype == torch.float16):
             masters.step(optimizer)  # skips parameters without a gradient: no signal, no change
         else:
             optimizer.zero_grad(set_to_none=True)
             nonfinite += 1
         scheduler.step()
     model.eval()
+    return _statistics(plan, lp_old, sums, correction, policy.world, reference is not None) | {
+        "grad_norm": grad_norm, "update_skipped": not plan.signal, "nonfinite_updates": nonfinite}
 
-    # Statistics describe the batch as sampled: on-policy every row has weight 1 and KL 0 exactly; off-policy
-    # they cover the rows whose lp_old was computed.
-    lp_b = r.behavior_log_probs if off_policy else lp_old
-    known = mask & (trained | silent)[:, None] if off_policy else mask
+
+def _log_probs_without_grad(model, reference: Reference | None, policy: Parallel, plan: UpdatePlan,
+                            params: SamplingParams, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(lp_old, lp_ref) [B, T] float32 for the rows that need them before any gradient pass: the measured silent
+    rows always, the trained rows too when there are several passes (with one, the first pass's detached lp is
+    lp_old), and lp_ref of the trained rows when beta > 0. Other rows stay 0."""
+    obj, mb = recipe.objective, recipe.train.micro_batch_size
+    lp_old = torch.zeros(plan.mask.shape, dtype=torch.float32, device=plan.mask.device)
+    lp_ref = None
+    rows = plan.measure_rows if obj.num_iterations == 1 else torch.cat([plan.measure_rows, plan.train_rows])
+    with torch.no_grad(), policy.gathered():
+        for chunk in plan.micro_batches(rows, mb):
+            lp_old[chunk] = completion_log_probs(model, plan.input_ids[chunk], plan.attention[chunk],
+                                                 plan.prompt_width, params, obj.logprob_chunk_size)
+        if reference is not None:
+            lp_ref = torch.zeros_like(lp_old)
+            with reference() as ref_model:
+                for chunk in plan.micro_batches(plan.train_rows, mb):
+                    lp_ref[chunk] = completion_log_probs(ref_model, plan.input_ids[chunk], plan.attention[chunk],
+                                                         plan.prompt_width, params, obj.logprob_chunk_size)
+    return lp_old, lp_ref
+
+
+def _backward_passes(policy: Parallel, masters: MasterWeights, optimizer, plan: UpdatePlan, lp_old: torch.Tensor,
+                     lp_ref: torch.Tensor | None, params: SamplingParams, recipe: Recipe,
+                     correction: CorrectionConfig, loss_cfg: LossConfig, stop: StopCheck | None) -> torch.Tensor:
+    """One pass of micro-batched forward/backward over the trained rows, gradients accumulated into `masters`;
+    returns this rank's [loss, clipped tokens, k3 KL sum] as one device tensor (read by the caller, once).
+    With one pass, fills lp_old of the trained rows from the detached lp."""
+    obj = recipe.objective
+    optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(3, dtype=torch.float32, device=plan.mask.device)
+    for rows in policy.pad(plan.micro_batches(plan.train_rows, recipe.train.micro_batch_size)):
+        if rows is None:  # sharded, with fewer micro-batches than another rank: join its collectives, add 0
+            dummy = plan.train_rows.new_zeros(1)
+            masters.backward(policy.log_probs(plan.input_ids[dummy], plan.attention[dummy], plan.prompt_width, params,
+                                              obj.logprob_chunk_size).sum() * 0.0)
+            continue
+        if stop is not None and stop.local() and not policy.sharded:  # sharded passes are collectives: go on
+            break
+        lp = policy.log_probs(plan.input_ids[rows], plan.attention[rows], plan.prompt_width, params,
+                              obj.logprob_chunk_size)
+        if obj.num_iterations == 1:
+            lp_old[rows] = lp.detach()
+        old, mask = lp_old[rows], plan.mask[rows]
+        lp_b = old if plan.on_policy else plan.sampler_log_probs[rows]
+        w = correction_weights(old, lp_b, mask, correction)
+        loss, info = policy_loss(lp, old, plan.advantages[rows], w, mask, loss_cfg,
+                                 lp_ref=None if lp_ref is None else lp_ref[rows],
+                                 num_sequences=plan.num_sequences, num_tokens=plan.num_tokens)
+        masters.backward(loss)
+        sums += torch.stack([loss.detach().float(), info["clipped_tokens"], info["kl_sum"]])
+    return sums
+
+
+def _statistics(plan: UpdatePlan, lp_old: torch.Tensor, sums: torch.Tensor, correction: CorrectionConfig, world,
+                with_reference: bool) -> dict[str, Any]:
+    """The batch's correction statistics (weights, ESS, KL(mu||pi)) and the last pass's loss and clip fraction.
+
+    They describe the batch as sampled: on-policy every row has weight 1 and KL 0 exactly; off-policy they cover
+    the rows whose lp_old was computed, a measured silent row standing for its whole group.
+    """
+    lp_b = lp_old if plan.on_policy else plan.sampler_log_probs
+    weight = torch.ones_like(plan.row_weight) if plan.on_policy else plan.row_weight  # on-policy: all exact
+    known = plan.mask & (weight > 0)[:, None]
     w = correction_weights(lp_old, lp_b, known, correction)
+    counts = weight[:, None].expand_as(known)
     if world.distributed:  # every rank's known tokens, in the order of a single process's rows
-        w, lp_old_known, lp_b_known = (world.gather_rows(t[known]) for t in (w, lp_old, lp_b))
-        stats = correction_stats(w, lp_old_known, lp_b_known, torch.ones_like(w, dtype=torch.bool))
+        w, lp_old_known, lp_b_known, counts = (world.gather_rows(t[known]) for t in (w, lp_old, lp_b, counts))
+        stats = correction_stats(w, lp_old_known, lp_b_known, torch.ones_like(w, dtype=torch.bool), counts)
     else:
-        stats = correction_stats(w, lp_old, lp_b, known)
-    loss_sum, clip_sum, kl_sum, trained_sequences = world.sum(loss_sum, clip_sum, kl_sum, len(train_rows))
-    stats.update(loss=loss_sum, grad_norm=grad_norm, clip_frac=clip_sum / max(1, n_tok),
-                 trained_sequences=int(trained_sequences), update_skipped=not signal, nonfinite_updates=nonfinite)
-    if not off_policy:  # what lp_b := lp_old hid, over the trained rows (where lp_old exists)
-        diff = (r.behavior_log_probs - lp_old)[mask & trained[:, None]]
-        abs_sum, bias_sum, count = world.sum(diff.abs().sum().item(), diff.sum().item(), diff.numel())
-        if count:
-            stats.update(sampler_lp_abs_diff=abs_sum / count, sampler_lp_bias=bias_sum / count)
-    if reference is not None:
-        stats["kl_ref"] = kl_sum / max(1, n_tok)  # mean k3 KL to the frozen reference
+        stats = correction_stats(w, lp_old, lp_b, known, counts)
+    scalars = [*sums.tolist(), len(plan.train_rows)]
+    if plan.on_policy:  # what lp_b := lp_old hid, over the trained rows (where lp_old exists)
+        trained = plan.mask & (plan.row_weight > 0)[:, None]
+        diff = (plan.sampler_log_probs - lp_old)[trained]
+        scalars += torch.stack([diff.abs().sum(), diff.sum()]).tolist() + [diff.numel()]
+    totals = world.sum(*scalars)
+    loss, clipped, kl_sum, trained_sequences = totals[:4]
+    stats.update(loss=loss, clip_frac=clipped / max(1, plan.num_tokens), trained_sequences=int(trained_sequences))
+    if plan.on_policy and totals[6]:
+        stats.update(sampler_lp_abs_diff=totals[4] / totals[6], sampler_lp_bias=totals[5] / totals[6])
+    if with_reference:
+        stats["kl_ref"] = kl_sum / max(1, plan.num_tokens)  # mean k3 KL to the frozen reference
     return stats
-

@@ -4,12 +4,16 @@
 
 CONFIG: {"argv": [CLI arguments after `train`], "target_id": token id rewarded as the first completion token,
 "stop_after": step after which every rank stops as if killed (optional), "fail_rank"/"fail_step": the rank whose
-reward raises a UserError at that step, "hang_rank"/"hang_step"/"hang_s": the rank whose reward sleeps there}.
+reward raises a UserError at that step, "hang_rank"/"hang_step"/"hang_s": the rank whose reward sleeps there,
+"slow_step"/"slow_token_s"/"marker": every rank's rollout of that step sleeps slow_token_s per decode step, and
+touches MARKER.RANK (holding its pid) when it starts}. Each rank prints `rank R exit CODE` to stdout as it exits.
 """
 
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,7 +26,7 @@ class Stop(Exception):
 
 def main() -> None:
     config = json.loads(open(sys.argv[1]).read())
-    from nested_reft import distributed, trainer
+    from nested_reft import decoding, distributed, trainer
     from nested_reft.cli import main as cli_main
     from nested_reft.cli import train as cli_train
     from nested_reft.errors import UserError
@@ -52,12 +56,25 @@ def main() -> None:
 
         return original(cfg, on_step=counted, **kwargs)
 
+    sample_tokens = decoding.sample_tokens
+
+    def slow_sample_tokens(*args, **kwargs):
+        if step["n"] + 1 == config.get("slow_step"):
+            if config.get("marker"):
+                Path(f"{config['marker']}.{rank}").write_text(str(os.getpid()))
+            time.sleep(config["slow_token_s"])
+        return sample_tokens(*args, **kwargs)
+
     trainer.math_reward_fn = lambda _recipe: reward
     cli_train.run_training = run_training
+    decoding.sample_tokens = slow_sample_tokens
     try:
         cli_main.main(["train", *config["argv"]])
     except Stop:
         sys.exit(0)
+    except SystemExit as exc:
+        print(f"rank {rank} exit {exc.code}", flush=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ Each job runs the real `nested-reft train` command in 2 processes started like t
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -71,6 +74,7 @@ def weights(run_dir):
     pytest.param(["train.parallel=fsdp", "skipping.strategy=adaptive"], id="fsdp-adaptive"),
     pytest.param(["skipping.ratio=0.25", LORA], id="ddp-lora"),
     pytest.param(["train.parallel=fsdp", "skipping.ratio=0.25", LORA], id="fsdp-lora"),
+    pytest.param(["train.parallel=fsdp", "skipping.ratio=0.25", "rollout.kv_cache=static"], id="fsdp-static-cache"),
 ])
 def test_two_ranks_train_like_one_process(inputs, tmp_path, extra):
     model_dir, data = inputs
@@ -175,3 +179,52 @@ def test_torchrun_runs_python_m_nested_reft(inputs, tmp_path):
     rows = RunDir(tmp_path / "run").read_metrics()
     assert [r["step"] for r in rows] == [1]
     assert (tmp_path / "run" / "checkpoints" / "step-1" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("delivery", ["SIGTERM-to-torchrun", "SIGUSR1-to-torchrun-and-every-rank"])
+def test_preemption_under_torchrun_keeps_the_last_step_and_resume_is_bit_identical(inputs, tmp_path, delivery):
+    """Preemption, as a cluster delivers it: 2 gloo ranks under torchrun, whose third step's rollout (8 s) is slower
+    than torchrun's shutdown timeout (5 s: what it waits between forwarding the signal and SIGKILL). The signal goes
+    to torchrun (which forwards it), or, as SLURM does, to torchrun and every rank at once (each rank gets it
+    twice). Every rank abandons step 3 at its next decode step, rank 0 checkpoints step 2, and each rank exits
+    128 + the signal once rank 0 has written. `--resume` then gives an uninterrupted run's weights and metrics,
+    bit for bit."""
+    model_dir, data = inputs
+    target = target_id(model_dir)
+    common = ["train.steps=4", "rollout.max_completion_length=8"]
+    full = run_ranks(tmp_path, overrides(model_dir, data, tmp_path / "full", *common), target)
+    assert all(r.returncode == 0 for r in full), [r.stderr[-2000:] for r in full]
+
+    signum = signal.SIGTERM if delivery.startswith("SIGTERM") else signal.SIGUSR1
+    marker = tmp_path / "slow-step-started"
+    config = tmp_path / "preempted.json"
+    config.write_text(json.dumps({"argv": [a for s in overrides(model_dir, data, tmp_path / "stopped", *common)
+                                           for a in ("--set", s)],
+                                  "target_id": target, "slow_step": 3, "slow_token_s": 1.0, "marker": str(marker)}))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port()), "--shutdown-timeout", "5", "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1"]
+    job = subprocess.Popen([*torchrun, str(WORKER), str(config)], env=rank_env(), cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not all(marker.with_name(f"{marker.name}.{rank}").is_file() for rank in (0, 1)):
+        assert job.poll() is None and time.monotonic() < deadline, "step 3 never started"
+        time.sleep(0.1)
+    job.send_signal(signum)
+    if delivery.endswith("every-rank"):
+        for rank in (0, 1):
+            os.kill(int(marker.with_name(f"{marker.name}.{rank}").read_text()), signum)
+    out, err = job.communicate(timeout=120)
+
+    code = 128 + signum
+    assert f"rank 0 exit {code}" in out and f"rank 1 exit {code}" in out, out[-2000:] + err[-3000:]
+    assert err.count(f"stopped by {signal.Signals(signum).name} during step 3") == 2, err[-3000:]
+    assert "SIGKILL" not in err and "no checkpoint" not in err, err[-3000:]
+    assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert [r["step"] for r in RunDir(tmp_path / "stopped").read_metrics()] == [1, 2]
+
+    resumed = run_ranks(tmp_path, overrides(model_dir, data, tmp_path / "stopped", *common), target,
+                        extra_argv=["--resume"])
+    assert all(r.returncode == 0 for r in resumed), [r.stderr[-2000:] for r in resumed]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "stopped")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert stable(RunDir(tmp_path / "full").read_metrics()) == stable(RunDir(tmp_path / "stopped").read_metrics())

@@ -114,7 +114,7 @@ def test_reference_is_the_base_with_adapters_disabled(inputs, tmp_path, monkeypa
 
     def spy(*args, **kwargs):
         loss, info = original(*args, **kwargs)
-        seen.append(info["kl"])
+        seen.append(info["kl_sum"].item())
         return loss, info
 
     monkeypatch.setattr(update, "policy_loss", spy)

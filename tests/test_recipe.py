@@ -201,3 +201,11 @@ def test_skip_sampler_accepts_every_recipe_that_validates(strategy, ratio, ratio
     except UserError:
         return
     SkipSampler.from_config(recipe.skipping, num_layers=12, seed=0).sample()
+
+
+def test_lora_dropout_is_refused_in_one_line(tmp_path):
+    """RL compares log-probs of the same tokens across passes (q, and the importance weights): dropout's random
+    masks would make them noise, so training runs without it and a recipe that asks for it is told why."""
+    with pytest.raises(UserError, match=r"model\.lora \(from --set\): dropout must be 0, found 0\.05"):
+        load_recipe(None, ["model.lora={r: 8, dropout: 0.05}"])
+    assert load_recipe(None, ["model.lora={r: 8, dropout: 0.0}"]).model.lora.dropout == 0.0

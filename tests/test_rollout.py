@@ -9,7 +9,7 @@ import pytest
 import torch
 from .conftest import NUM_LAYERS, PAD_ID, VOCAB_SIZE
 
-from nested_reft import rollout as rollout_module
+from nested_reft import decoding
 from nested_reft.rollout import Rollout, generate
 from nested_reft.sampling import SamplingParams, log_probs, sample_tokens
 from nested_reft.skipping import skip_layers
@@ -50,7 +50,7 @@ def lengths(rollout: Rollout) -> list[int]:
 @pytest.fixture(params=[1, 3], ids=["status-every-step", "status-every-3"])
 def status_interval(request, monkeypatch):
     """Run a test with finished rows read every step (CPU) and every 3 steps (as on GPU: rows idle meanwhile)."""
-    monkeypatch.setattr(rollout_module, "_status_interval", lambda device: request.param)
+    monkeypatch.setattr(decoding, "status_interval", lambda device: request.param)
     return request.param
 
 
@@ -210,3 +210,17 @@ def test_per_prompt_seeds_make_a_prompts_completions_independent_of_the_batch(ti
     other = generate(tiny_llama, tiny_prompts, seeds=[11, 22, 33, 45], **kwargs)  # only prompt 3's seed differs
     assert other.completions()[:9] == whole.completions()[:9]
     assert other.completions()[9:] != whole.completions()[9:]
+
+
+def test_should_stop_ends_decoding_at_the_next_host_read(tiny_llama, tiny_prompts):
+    """A stop request cuts a rollout short: the loop reads it where it reads the finished rows (every step on CPU)."""
+    common = dict(num_generations=2, max_new_tokens=12, params=SAMPLED, eos_token_ids=[VOCAB_SIZE], pad_token_id=PAD_ID,
+                  seed=0)
+    for kv_cache in ("dynamic", "static"):
+        asked = []
+        stopped = generate(tiny_llama, tiny_prompts, kv_cache=kv_cache, should_stop=lambda: asked.append(1) or len(asked) >= 3,
+                           **common)
+        assert stopped.completion_ids.shape[1] == 3 and len(asked) == 3
+        full = generate(tiny_llama, tiny_prompts, kv_cache=kv_cache, should_stop=lambda: False, **common)
+        assert full.completion_ids.shape[1] == 12
+        assert torch.equal(full.completion_ids[:, :3], stopped.completion_ids)

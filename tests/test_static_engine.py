@@ -84,10 +84,9 @@ def test_bucketed_steps_match_dynamic(monkeypatch, tiny_prompts):
     monkeypatch.setattr(rollout_module, "engine_for",
                         lambda model, *args, **kwargs: StaticEngine(model, 16, 64, graphs=False, bucketed=True))
     widths = []
-    compact = StaticEngine._compact
-    monkeypatch.setattr(StaticEngine, "_compact",
-                        lambda self, kept, width, target, *rest, **named: (
-                            widths.append(target), compact(self, kept, width, target, *rest, **named)))
+    compact = StaticEngine.compact
+    monkeypatch.setattr(StaticEngine, "compact",
+                        lambda self, keep, width: (widths.append(width), compact(self, keep, width)))
     eos = frequent_tokens(model, tiny_prompts, seed=0)
     for skip in [(), (1, 4), (0, 2, 3, 5)]:
         dynamic, static = both(model, tiny_prompts, eos, skip=skip, seed=0, max_new_tokens=16)
@@ -263,3 +262,27 @@ def test_recipe_fields_select_the_engine(tmp_path):
     assert load_recipe(None, ["rollout.cuda_graphs=on"]).rollout.cuda_graphs == "auto"  # YAML's `on` is true
     with pytest.raises(UserError, match="rollout.kv_cache"):
         load_recipe(None, ["rollout.kv_cache=paged"])
+
+
+def test_an_eager_engine_survives_new_parameter_storage_but_not_a_new_dtype(tiny_llama):
+    """FSDP gathers the kept layers into new storage for every rollout: an eager engine, which calls the modules,
+    is reused across that (it used to be rebuilt every step), while a graph engine, which replays fixed addresses,
+    is bound to the tensors themselves. A cast to another dtype changes the cache's dtype: a new engine."""
+    engine = engine_for(tiny_llama, 4, 32, graphs=False)
+    graph_signature = static_engine._signature(tiny_llama, graphs=True)
+    for p in tiny_llama.parameters():
+        p.data = p.data.clone()  # what FSDP's unshard does: same modules, new storage
+    assert engine_for(tiny_llama, 4, 32, graphs=False) is engine
+    assert static_engine._signature(tiny_llama, graphs=True) != graph_signature
+    tiny_llama.to(torch.bfloat16)
+    assert engine_for(tiny_llama, 4, 32, graphs=False) is not engine
+
+
+def test_an_engine_sizes_its_buffers_without_calling_a_skipped_layer(tiny_llama, monkeypatch):
+    """Under FSDP a skipped layer stays sharded: calling it would all-gather (a collective one rank alone would
+    make). The engine's probe runs the first layer it keeps."""
+    called = []
+    for index, layer in enumerate(tiny_llama.model.layers):
+        layer.register_forward_pre_hook(lambda *_args, index=index: called.append(index))
+    StaticEngine(tiny_llama, 4, 32, graphs=False, skip=(0, 1))
+    assert called == [2]

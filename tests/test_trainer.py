@@ -1,6 +1,7 @@
 """The training loop on tiny random models: it learns, with and without skipping, and resumes bit for bit."""
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -399,3 +400,65 @@ def test_adaptive_run_probes_costs_once_and_logs_its_decisions(tiny_run_inputs, 
     assert all({"target_kl", "skip_decision", "next_num_skipped", "kl_predicted_next"} <= set(r) for r in rows)
     assert [len(r["skipped_layers"]) for r in rows[1:]] == [r["next_num_skipped"] for r in rows[:-1]]
     assert len(rows[-1]["skipped_layers"]) > 0  # a generous target lets it skip
+
+
+def test_a_resume_without_a_checkpoint_measures_the_layer_costs_again(tiny_run_inputs, tmp_path, monkeypatch):
+    """A run stopped before its first checkpoint starts over on --resume, so the costs it probed belong to nothing:
+    they are measured again rather than read back (here they are made absurd, to see which is used)."""
+    from nested_reft import trainer
+
+    model_dir, data = tiny_run_inputs
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=2", "train.save_every=100",
+                         "skipping.strategy=adaptive", "skipping.target_kl=0.5")
+    reward = starts_with_target(target_id(model_dir))
+    train_until(recipe, 1, reward)  # probed at step 1, stopped before any checkpoint
+    costs = tmp_path / "run" / "reports" / "layer_costs.json"
+    costs.write_text(json.dumps({"num_layers": 4, "layers": [{"layer": 1, "kl": 0.0}, {"layer": 2, "kl": 0.0}]}))
+    probes = []
+    real_probe = trainer.probe_layer_costs
+    monkeypatch.setattr(trainer, "probe_layer_costs", lambda *a, **k: probes.append(1) or real_probe(*a, **k))
+    rows = train(recipe, resume=True, reward_fn=reward).read_metrics()
+    assert probes == [1] and rows[0]["skipped_layers"] == []  # step 1 probed again, with the full model
+    assert all(entry["kl_mu_pi"] > 0 for entry in json.loads(costs.read_text())["layers"])
+
+
+def test_training_turns_dropout_off(tiny_run_inputs, tmp_path, monkeypatch):
+    """A model whose attention dropout is 0.5: with several passes, lp_old (no grad) and the first pass's lp must be
+    the same deterministic log-probs, so q = exp(lp - lp_old) is 1 there; dropout noise would make it anything."""
+    from nested_reft import update
+
+    model_dir, data = tiny_run_inputs
+    noisy = tmp_path / "dropout-model"
+    shutil.copytree(model_dir, noisy)
+    config = json.loads((noisy / "config.json").read_text())
+    (noisy / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    first_pass_q = []
+    real_loss = update.policy_loss
+
+    def spy(lp, lp_old, *args, **kwargs):
+        if len(first_pass_q) < 1:
+            first_pass_q.append((lp.detach() - lp_old).abs().max().item())
+        return real_loss(lp, lp_old, *args, **kwargs)
+
+    monkeypatch.setattr(update, "policy_loss", spy)
+    recipe = tiny_recipe(noisy, data, tmp_path / "run", "train.steps=1", "objective.num_iterations=2",
+                         "objective.beta=0.0", "skipping.ratio=0.25")
+    train(recipe, reward_fn=lambda text, ids, example: (float(ids[0] % 2), False))
+    assert first_pass_q and first_pass_q[0] < 1e-5
+
+
+def test_each_row_reports_the_peak_memory_of_its_own_step(tiny_run_inputs, tmp_path):
+    """Step 1's reward function briefly holds 400 MB; step 2's row must not report step 1's peak."""
+    model_dir, data = tiny_run_inputs
+    target = starts_with_target(target_id(model_dir))
+    seen = []
+
+    def reward(text, ids, example):
+        if not seen:
+            big = torch.ones(100_000_000)  # 400 MB, touched
+            seen.append(big.sum().item())
+            del big
+        return target(text, ids, example)
+
+    rows = train(tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=2"), reward_fn=reward).read_metrics()
+    assert rows[0]["peak_memory_mb"] - rows[1]["peak_memory_mb"] > 250, [r["peak_memory_mb"] for r in rows]

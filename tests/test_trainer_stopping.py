@@ -90,3 +90,30 @@ def test_too_many_nonfinite_steps_stop_the_run_and_keep_the_last_checkpoint(tiny
         train(recipe, reward_fn=reward)
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest == "step-3"  # step 3 skipped its update (weights = step 2's) and was saved; step 4 stopped it
+
+
+def test_the_trainer_never_checkpoints_nonfinite_weights(tiny_run_inputs, tmp_path, monkeypatch):
+    """Through the trainer's own save path: a weight that turns NaN in step 2's update (a finite loss and gradient
+    norm do not rule it out) stops the run with the divergence error before step 2 is written; step 1's checkpoint
+    stays the latest, complete and finite."""
+    from nested_reft import trainer
+
+    model_dir, data = tiny_run_inputs
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=3", "train.save_every=1")
+    real_optimise, calls = trainer.optimise, []
+
+    def optimise(model, *args, **kwargs):
+        stats = real_optimise(model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = math.nan
+        return stats
+
+    monkeypatch.setattr(trainer, "optimise", optimise)
+    with pytest.raises(NonFiniteError, match="step 2") as error:
+        train(recipe, reward_fn=starts_with_target(target_id(model_dir)))
+    assert error.value.exit_code == 3
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-1" and not (checkpoints / "step-2").exists()
+    assert all(torch.isfinite(t).all() for t in load_file(checkpoints / "step-1" / "model.safetensors").values())

@@ -32,7 +32,7 @@ def train(
     """Train with GRPO on rollouts from the layer-skipped behavior model (baseline ReFT when nothing is skipped)."""
     cfg = recipe_and_overrides(recipe, overrides)
     if env_rank() != 0:  # under torchrun rank 0 shows the (global) progress; the others train quietly
-        with GracefulStop() as stop:  # torchrun forwards SIGTERM to every rank: they stop at the same step
+        with GracefulStop() as stop:  # torchrun forwards the signal to every rank: they agree where to stop
             run_training(cfg, resume=resume, overwrite=overwrite, stop=stop)
         return
     check_training(cfg)
@@ -40,8 +40,9 @@ def train(
     show_precision(console, cfg)
 
     def notify(signum: int) -> None:
-        console.print(f"[yellow]{signal_name(signum)}: finishing this step, then checkpointing "
-                      "(again to stop at once)[/]", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]{signal_name(signum)}: stopping at the next safe point, then checkpointing the last "
+                      "finished step (Ctrl-C again, a second later, stops at once)[/]", soft_wrap=True,
+                      highlight=False)
 
     try:
         with GracefulStop(on_request=notify) as stop:
