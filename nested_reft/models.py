@@ -23,6 +23,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nested_reft import lora  # light: peft itself is imported only when adapters are used
+from nested_reft.devices import resolve_device
 from nested_reft.errors import UserError
 from nested_reft.precision import cast_for_inference, resolve_mixed_precision
 
@@ -37,21 +38,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def cache_dir() -> Path:
     """Where converted models live: $NESTED_REFT_CACHE, else ~/.cache/nested-reft."""
     return Path(os.environ.get("NESTED_REFT_CACHE", Path.home() / ".cache" / "nested-reft")).expanduser()
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; an explicit device must exist on this machine."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', found '{device}'") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device: '{device}' was requested but CUDA is not available on this machine; use 'cpu' or 'auto'"
-        )
-    return resolved
 
 
 def reset_peak_memory(device: torch.device) -> bool:

@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 
+from nested_reft.devices import resolve_device
 from nested_reft.errors import UserError
+from nested_reft.memory import resolve_gradient_checkpointing
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,9 +125,6 @@ def resolve_runtime(recipe: Any) -> tuple[Any, list[str]]:
     (`model.mixed_precision` -> no | bf16 | fp16, `train.gradient_checkpointing` -> true | false), and the lines to
     show at start: the precision, and the notice when a choice fell back or will be slow. UserError for a choice
     the device cannot run. Loads nothing, so it runs before any model does."""
-    from nested_reft.memory import resolve_gradient_checkpointing
-    from nested_reft.models import resolve_device
-
     device = resolve_device(recipe.model.device)
     mode, notice = resolve_mixed_precision(recipe.model.mixed_precision, device)
     resolved = recipe.model_copy(deep=True)
