@@ -23,7 +23,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nested_reft import lora  # light: peft itself is imported only when adapters are used
-from nested_reft.devices import resolve_device
+from nested_reft.devices import resolve_device, use_tf32
 from nested_reft.errors import UserError
 from nested_reft.precision import cast_for_inference, resolve_mixed_precision
 
@@ -82,10 +82,12 @@ def load_model(
     pad token (its EOS when it declares none). Unusable sources raise a one-line UserError. `mixed_precision`
     (auto | no | bf16 | fp16) other than no casts the parameters to that compute dtype for inference
     (evaluate, bench, calibrate-skips); training keeps `dtype` weights and lets `precision.MasterWeights` cast.
+    On a CUDA device the float32 matmuls that remain use TF32 (`devices.use_tf32`); on CPU nothing changes.
     """
     torch_dtype = _torch_dtype(dtype)
     target = resolve_device(device)
     mode, _ = resolve_mixed_precision(mixed_precision, target)  # before loading: a bad choice fails fast
+    use_tf32(target)  # every command loads here: the float32 matmuls left on a GPU (the LM head) use TF32
     # transformers' per-load progress bars would interleave with our own progress display.
     transformers.utils.logging.disable_progress_bar()
     model, tokenizer = _finish(*_load_any(name_or_path, torch_dtype), target)

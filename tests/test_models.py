@@ -1,4 +1,4 @@
-"""load_model: local folders, dtypes, devices, errors, and the embedded SmolLM2 alias
+"""load_model: local folders, dtypes, devices (and their TF32 setting), errors, and the embedded SmolLM2 alias
 (e2e); the package's import graph."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from nested_reft import models as models_module
-from nested_reft.devices import resolve_device
+from nested_reft.devices import resolve_device, use_tf32
 from nested_reft.errors import UserError
 from nested_reft.models import cache_dir, load_model, peak_memory_mb, reset_peak_memory
 
@@ -90,6 +90,32 @@ def test_resolve_device(monkeypatch):
         resolve_device("cuda")
     with pytest.raises(UserError, match="device"):
         resolve_device("tpu-please")
+
+
+@pytest.fixture
+def tf32_switches():
+    """Torch's process-wide TF32 switches, all off during the test and restored after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_tf32_is_switched_on_for_cuda_devices_and_cpu_is_left_alone(tf32_switches):
+    cpu_precision = torch.backends.mkldnn.matmul.fp32_precision
+    use_tf32(torch.device("cpu"))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    use_tf32(torch.device("cuda", 1))  # sets flags only: no GPU needed
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "high"  # still readable: inductor reads it
+    assert torch.backends.mkldnn.matmul.fp32_precision == cpu_precision
+
+
+def test_load_model_sets_tf32_for_the_device_it_resolved(model_dir, monkeypatch):
+    devices = []
+    monkeypatch.setattr(models_module, "use_tf32", devices.append)
+    load_model(str(model_dir), device="auto")
+    assert devices == [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
 
 
 def test_the_package_has_no_import_cycles():
