@@ -209,6 +209,45 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_halves_the_scale():
     assert model.weight.dtype == torch.float16 and model.weight.item() == pytest.approx(0.4, abs=1e-3)
 
 
+def count_host_reads(monkeypatch) -> list[str]:
+    """Record every way a tensor's value reaches the host (each one waits for the device on a GPU)."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *args, _read=original, _name=name: (reads.append(_name), _read(self, *args))[1])
+    return reads
+
+
+@pytest.mark.parametrize("overflowing", [None, 5], ids=["clean", "one-tensor-overflows"])
+def test_fp16_step_reads_one_overflow_flag_for_all_the_gradients(monkeypatch, overflowing):
+    """`step` without `clip_grad_norm_` checks the tiny model's 57 gradients for overflow with a single host read;
+    one overflowing tensor is enough to skip the step and halve the scale, and clean steps grow it every
+    `growth_interval` steps."""
+    model = build_tiny(LlamaConfig)
+    masters = MasterWeights(model, "fp16")
+    optimizer = torch.optim.SGD(masters.params, lr=0.1)
+    masters.load_state_dict({**masters.state_dict(), "scale": 2.0**8, "growth_interval": 2})
+    before = [m.detach().clone() for m in masters.params]
+    for step in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        # Gradient 1 everywhere, 2^8 once scaled; 2^18 in one tensor: beyond fp16's 65504.
+        masters.backward(sum(p.float().sum() * (2.0**10 if i == overflowing else 1.0)
+                             for i, p in enumerate(model.parameters())))
+        reads = count_host_reads(monkeypatch)
+        stepped = masters.step(optimizer)
+        monkeypatch.undo()
+        assert len(reads) == 1
+        assert stepped is (overflowing is None)
+    assert len(masters.params) == 57
+    if overflowing is None:  # unscaled gradients of 1: every weight moved by lr twice; the scale grew once
+        assert all(torch.allclose(m, b - 0.2) for m, b in zip(masters.params, before))
+        assert masters.loss_scale == 2.0**9
+    else:
+        assert all(torch.equal(m, b) for m, b in zip(masters.params, before))
+        assert masters.loss_scale == 2.0**6
+
+
 def test_no_mode_is_a_pass_through():
     model = build_tiny(LlamaConfig)
     masters = MasterWeights(model, "no")
