@@ -91,7 +91,9 @@ def test_policy_learns_a_rewarded_first_token(tiny_run_inputs, tmp_path, overrid
         mismatch = [r["sampler_lp_abs_diff"] for r in rows if "sampler_lp_abs_diff" in r]
         assert len(mismatch) >= len(rows) // 2
         if "model.mixed_precision=bf16" in overrides:
-            assert all(0 < m < 0.1 for m in mismatch)
+            # Hardware-dependent, so reported rather than asserted: a few 1e-2 where bf16 is emulated (AVX2), and
+            # exactly 0 on a CPU whose native bf16 kernels (AMX, AVX512-BF16) give sampler and trainer the same sums.
+            assert all(0 <= m < 0.1 for m in mismatch)
         else:
             assert all(m < 1e-4 for m in mismatch)
     else:
@@ -267,7 +269,8 @@ def test_bf16_run_keeps_updates_of_lr_1e_7_and_records_the_resolved_precision(ti
     assert lost_in_bf16 > 0.5 * sum(d.numel() for d in moved.values())
     rows = run.read_metrics()
     assert all(r["weight_min"] == r["weight_max"] == 1.0 for r in rows)  # baseline stays exactly on-policy
-    assert all(r["sampler_lp_abs_diff"] > 0 for r in rows)
+    # Measured and reported; its size depends on the CPU (0 where native bf16 kernels make sampler and trainer agree).
+    assert all(0 <= r["sampler_lp_abs_diff"] < 0.1 for r in rows)
 
 
 # -- components -----------------------------------------------------------------------------------------------------
