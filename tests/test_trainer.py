@@ -138,13 +138,18 @@ def test_periodic_evaluation_is_logged(tiny_run_inputs, tmp_path):
 
 
 def test_reference_kl_and_several_iterations(tiny_run_inputs, tmp_path):
-    """beta > 0 loads the frozen reference; with 2 passes per batch the second pass has moved away from it."""
+    """beta > 0 loads the frozen reference; with 2 passes per batch the second pass has moved away from it. The
+    schedule advances once per pass: the lr logged after step s is that of update 2s, here through warmup
+    (4 updates) and then a cosine decay to 0 at the last of the 8."""
     model_dir, data = tiny_run_inputs
-    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=2", "skipping.ratio=0.25",
-                         "objective.beta=0.1", "objective.num_iterations=2", "train.micro_batch_size=5")
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=4", "skipping.ratio=0.25",
+                         "objective.beta=0.1", "objective.num_iterations=2", "train.micro_batch_size=5",
+                         "optimizer.warmup_steps=4", "optimizer.schedule=cosine")
     rows = train(recipe, reward_fn=starts_with_target(target_id(model_dir))).read_metrics()
     assert all(r["kl_ref"] > 0 for r in rows)
-    assert rows[-1]["lr"] == pytest.approx(3e-2)
+    schedule = lr_lambda(4, 8, "cosine")
+    assert [r["lr"] for r in rows] == pytest.approx([3e-2 * schedule(2 * r["step"]) for r in rows])
+    assert [r["lr"] for r in rows] == pytest.approx([0.75 * 3e-2, 3e-2, 0.5 * 3e-2, 0.0])  # a new lr every step
 
 
 # -- exact resume ---------------------------------------------------------------------------------------------------
