@@ -318,3 +318,69 @@ def test_fp32_head_keeps_logits_float32_and_tied_embeddings_work():
         logits, expected = model(ids).logits, reference(ids).logits
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, expected, atol=0.5, rtol=0.05)  # bf16 decoder, float32 head
+
+
+# -- a tied LM head, trained -----------------------------------------------------------------------------------------
+
+
+def test_tied_embeddings_train_in_bf16_with_float32_masters_and_stay_tied(tmp_path, monkeypatch):
+    """SmolLM2 and Qwen2.5 tie the LM head to the input embedding. Trained through `train` in bf16 with float32
+    masters, that one weight stays one float32 parameter (its own master, updated through both of its uses) while
+    the decoder computes in bf16 and moves through its masters; the policy learns; and the tie survives the
+    checkpoint (`from_pretrained` gives one tensor) and a resumed run."""
+    from nested_reft import trainer
+    from nested_reft.trainer import train
+
+    from .test_trainer import starts_with_target, target_id, tiny_recipe
+    from .tiny import write_examples, write_tiny_model
+
+    untied = write_tiny_model(tmp_path / "untied")
+    config = LlamaConfig.from_pretrained(untied, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tied"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).write_bytes((untied / name).read_bytes())
+    data = write_examples(tmp_path / "train.jsonl", 24)
+
+    masters_seen = []
+    monkeypatch.setattr(trainer, "MasterWeights", lambda *a, **k: masters_seen.append(MasterWeights(*a, **k))
+                        or masters_seen[-1])
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=40", "model.mixed_precision=bf16",
+                         "skipping.ratio=0.0", "objective.correction=none", "train.save_every=1")
+    rows = []
+
+    def stop_when_learned(row):
+        rows.append(row)
+        if len(rows) >= 3 and sum(r["reward_mean"] for r in rows[-3:]) / 3 >= 0.8:
+            raise StopIteration
+
+    reward = starts_with_target(target_id(model_dir))
+    with pytest.raises(StopIteration):
+        train(recipe, reward_fn=reward, on_step=stop_when_learned)
+    assert rows[0]["reward_mean"] < 0.4  # near chance (1/16) at first, learned within 40 steps
+
+    masters = masters_seen[0]
+    model = masters.model
+    tied = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is tied and tied.dtype == torch.float32
+    assert sum(p is tied for p in masters.params) == 1  # one parameter, its own master: one AdamW state
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16 and masters.active
+
+    start = load_file(model_dir / "model.safetensors")
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step-{rows[-1]['step']}"
+    end = load_file(checkpoint / "model.safetensors")
+    assert "lm_head.weight" not in end  # saved once, as the embedding
+    assert all(t.dtype == torch.float32 for t in end.values()) and end.keys() == start.keys()
+    assert all(not torch.equal(end[k], start[k]) for k in start), "every weight moved, the tied one included"
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.lm_head.weight, end["model.embed_tokens.weight"])
+
+    resumed = train(tiny_recipe(model_dir, data, tmp_path / "run", f"train.steps={len(rows) + 1}",
+                                "model.mixed_precision=bf16", "skipping.ratio=0.0", "objective.correction=none",
+                                "train.save_every=1"), resume=True, reward_fn=reward)
+    assert [r["step"] for r in resumed.read_metrics()] == list(range(1, len(rows) + 2))
+    model = masters_seen[-1].model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert resumed.read_metrics()[-1]["reward_mean"] >= 0.5
