@@ -1,8 +1,11 @@
-"""One-shot GPU check of the rollout engine and a training step, with no network (run by gpu_check.sh).
+"""One-shot GPU check of the rollout engine, the shipped update and a short real training run, with no network.
 
-The model is randomly initialised from Qwen2.5-1.5B's configuration, written below (no download), in bf16.
-Random weights give meaningless text but the same work per token as the trained model, and every rollout is
-fixed-length (min_new_tokens = max_new_tokens). Sections, each timed, each recorded even if another fails:
+The model is randomly initialised from Qwen2.5-1.5B's configuration, written below (no download). Random weights
+give meaningless text but the same work per token as the trained model. The rollout sections use it in pure
+bf16 with fixed-length rollouts (min_new_tokens = max_new_tokens); `update` and `train` run the shipped GPU
+recipe (recipes/gpu/qwen2.5-math-1.5b-gsm8k.yaml: float32 master weights, bf16 compute with a float32 LM head,
+gradient checkpointing, random skipping of 10-25% of the layers). Sections, each timed, each recorded even if
+another fails:
 
   throughput   tokens/s at batch 64 x 512 new tokens: model.generate, our engine with the dynamic cache, the
                static cache eagerly, the static cache with CUDA graphs; interleaved repeats, medians
@@ -12,8 +15,12 @@ fixed-length (min_new_tokens = max_new_tokens). Sections, each timed, each recor
   roofline     decode bytes per step (weights of the kept layers + final norm + LM head, plus the KV cache
                the step needs) / step time / the device's peak HBM bandwidth
   profile      torch.profiler on one decode step, eager and graph-replayed: top kernels, launch counts
-  train        one GRPO step (8 prompts x 8 completions x 1024 completion tokens) with gradient
-               checkpointing: time and peak memory
+  update       the shipped `update.optimise` with `precision.MasterWeights` on one real scored batch (8 prompts
+               x 8 completions x 512 tokens sampled by the skipped model, rewarded by first-token parity):
+               step time and peak memory, timed after a warm-up step
+  train        `trainer.train` on the model saved as a folder with a byte-level tokenizer: 3 steps of 8 prompts
+               x 8 completions x up to 256 tokens with the dynamic cache, 3 with the static cache (CUDA graphs
+               auto), then the static run resumed for a 4th step: step times, peak memory, rewards
   compiled     the graph engine with torch.compile'd layer units (experimental; last, as compiling is slow
                and may fail): tokens/s against plain graphs, compile + capture time, roofline fraction
 
@@ -23,12 +30,14 @@ fixed-length (min_new_tokens = max_new_tokens). Sections, each timed, each recor
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
-import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -36,14 +45,28 @@ from typing import Any, Callable
 
 import torch
 import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch.autograd import DeviceType
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from nested_reft.objective import LossConfig, completion_log_probs, policy_loss
+from nested_reft.decoding import decode
+from nested_reft.devices import use_tf32
+from nested_reft.memory import set_gradient_checkpointing
+from nested_reft.models import peak_memory_mb, reset_peak_memory
+from nested_reft.objective import group_advantages
+from nested_reft.precision import MasterWeights, describe, resolve_runtime
+from nested_reft.recipe import Recipe, load_recipe
 from nested_reft.rollout import generate, left_pad
 from nested_reft.sampling import SamplingParams
+from nested_reft.scoring import ScoredRollout
 from nested_reft.skipping import SkipSampler
 from nested_reft.static_engine import StaticEngine, engine_for
+from nested_reft.trainer import train
+from nested_reft.update import lr_lambda, optimise
+
+GPU_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gpu" / "qwen2.5-math-1.5b-gsm8k.yaml"
+EOS = "<|endoftext|>"  # Qwen2.5's
 
 # Qwen2.5-1.5B (config.json of the hub checkpoint), restated so that nothing is downloaded.
 QWEN25_15B = dict(
@@ -52,7 +75,7 @@ QWEN25_15B = dict(
     rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False, sliding_window=131072,
     max_window_layers=21, attention_dropout=0.0, bos_token_id=151643, eos_token_id=151643,
 )
-TINY = dict(QWEN25_15B, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+TINY = dict(QWEN25_15B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, sliding_window=4096,
             bos_token_id=1, eos_token_id=2)
 
@@ -78,8 +101,9 @@ def main() -> None:
     sizes = dict(
         prompts=2 if smoke else 16, generations=2 if smoke else 4, prompt_len=(6, 10) if smoke else (96, 128),
         new_tokens=8 if smoke else 512, repeats=args.repeats or (1 if smoke else 2), ratios=(0.25, 0.4),
-        train_prompts=2 if smoke else 8, train_generations=2 if smoke else 8, train_prompt_len=8 if smoke else 128,
-        train_completion_len=16 if smoke else 1024, micro_batch=2 if smoke else 8,
+        # update and train: the shipped recipe (its micro-batch, log-prob chunks, precision) at these sizes
+        train_prompts=2 if smoke else 8, train_generations=4 if smoke else 8, train_prompt_words=3 if smoke else 32,
+        update_completion_len=16 if smoke else 512, train_completion_len=8 if smoke else 256, train_steps=3,
     )
     if smoke:
         torch.set_num_threads(1)
@@ -103,6 +127,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=2, default=str))  # partial results survive a crash
 
     section("environment", lambda: environment(device, args.peak_bandwidth_tbs, smoke))
+    use_tf32(device)  # as `load_model` sets it for every command: the models here are built from a config
     config = Qwen2Config(**(TINY if smoke else QWEN25_15B))
     torch.manual_seed(0)
     with torch.device(device):
@@ -114,7 +139,9 @@ def main() -> None:
     section("nested", work.nested)
     section("roofline", lambda: work.roofline(report["environment"].get("peak_bandwidth_bytes_s")))
     section("profile", work.profile)
-    section("train", lambda: train_step(model, sizes, device))
+    section("update", lambda: update_step(config, sizes, device))
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as folder:  # up to ~40 GB at full size
+        section("train", lambda: train_runs(config, sizes, device, Path(folder)))
     section("compiled", lambda: work.compiled(report["environment"].get("peak_bandwidth_bytes_s")))
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
@@ -288,8 +315,10 @@ class Work:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         for name, engine in engines.items():
             if engine.graphs is None:  # give the eager engine a valid state: one short rollout through it
-                engine.run(self.ids, self.mask, (), 2, 2, self.params, torch.tensor([0], device=self.device), 0,
-                           torch.rand((2, width), dtype=torch.float64, device=self.device), 8)
+                eos = torch.tensor([0], device=self.device)
+                decode(engine.begin((), self.params, eos, width, self.ids.shape[1], 2), self.ids, self.mask,
+                       max_new_tokens=2, min_new_tokens=2, eos=eos, pad_token_id=0,
+                       uniforms=torch.rand((2, width), dtype=torch.float64, device=self.device))
             engine.write_index.fill_(self.ids.shape[1])
             for _ in range(3):
                 engine.decode_step(width, (), self.params)
@@ -321,59 +350,122 @@ def summarise_profile(prof) -> dict[str, Any]:
     }
 
 
-def train_step(model, sizes: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One GRPO step over random sequences: lp_old without grad, then micro-batched loss and backward with
-    transformers' gradient checkpointing, clipping, AdamW. Timed after one warm-up step."""
-    rows = sizes["train_prompts"] * sizes["train_generations"]
-    prompt, completion = sizes["train_prompt_len"], sizes["train_completion_len"]
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (rows, prompt + completion), generator=generator).to(device)
-    attention = torch.ones_like(ids)
-    completion_mask = torch.ones((rows, completion), dtype=torch.bool, device=device)
-    advantages = torch.randn(rows, generator=generator).to(device)
-    params = SamplingParams(temperature=1.0)
-    loss_cfg = LossConfig()
-    # transformers' layer recomputation (named activation_checkpointing_enable from 5.2x on).
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-    enable()
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    micro = sizes["micro_batch"]
+def shipped_recipe(device: torch.device, sizes: dict[str, Any], completion_len: int, *overrides: str) -> Recipe:
+    """The shipped GPU recipe on `device` at this check's sizes, its `auto` choices resolved for the device."""
+    recipe = load_recipe(GPU_RECIPE, [f"model.device={device.type}", f"rollout.max_completion_length={completion_len}",
+                                      f"rollout.num_generations={sizes['train_generations']}",
+                                      f"train.prompts_per_step={sizes['train_prompts']}", *overrides])
+    return resolve_runtime(recipe)[0]
 
-    def step() -> None:
-        with torch.no_grad():
-            lp_old = torch.cat([completion_log_probs(model, ids[i : i + micro], attention[i : i + micro], prompt,
-                                                     params) for i in range(0, rows, micro)])
-        for i in range(0, rows, micro):
-            lp = completion_log_probs(model, ids[i : i + micro], attention[i : i + micro], prompt, params)
-            loss, _ = policy_loss(lp, lp_old[i : i + micro], advantages[i : i + micro],
-                                  torch.ones_like(lp), completion_mask[i : i + micro], loss_cfg, num_sequences=rows)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    try:
-        step()  # warm-up: allocator, optimizer state
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+def first_token_parity(_text: str, ids: list[int], _example: Any) -> tuple[float, bool]:
+    """A reward that gives signal to a random model: 1 when the completion's first token id is odd."""
+    reward = float(ids[0] % 2) if ids else 0.0
+    return reward, reward == 1.0
+
+
+def update_step(config, sizes: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """One step of the shipped update (`optimise` with `MasterWeights`: float32 masters, bf16 compute, float32 LM
+    head, gradient checkpointing on CUDA) on a batch sampled by the skipped model and scored as the trainer would.
+    Timed after one warm-up step (allocator, AdamW states); the peak memory is the timed step's."""
+    completion = sizes["update_completion_len"]
+    recipe = shipped_recipe(device, sizes, completion)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    masters = MasterWeights(model, recipe.model.mixed_precision)
+    set_gradient_checkpointing(model, recipe.train.gradient_checkpointing)
+    params = SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p)
+    _, skip = SkipSampler.from_config(recipe.skipping, config.num_hidden_layers, recipe.run.seed).sample()
+    group = recipe.rollout.num_generations
+    rollout = generate(model, random_prompts(sizes["train_prompts"], sizes["prompt_len"], config.vocab_size),
+                       num_generations=group, max_new_tokens=completion, min_new_tokens=completion, params=params,
+                       eos_token_ids=[config.eos_token_id], pad_token_id=0, skip=skip, seed=0,
+                       kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs)
+    scored = [first_token_parity("", ids, None) for ids in rollout.completions()]  # as `scoring.score` does
+    rewards = torch.tensor([reward for reward, _ in scored])
+    batch = ScoredRollout(rollout, rewards, [correct for _, correct in scored], [""] * len(scored),
+                          group_advantages(rewards, group, recipe.objective.scale_rewards))
+    opt = recipe.optimizer
+    optimizer = torch.optim.AdamW(masters.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, recipe.train.steps,
+                                                                       opt.schedule))
+    optimise(model, None, optimizer, scheduler, batch, recipe, params, masters)  # warm-up
+    _synced(time.perf_counter(), device)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    stats = optimise(model, None, optimizer, scheduler, batch, recipe, params, masters)
+    seconds = _synced(start, device)
+    rows, width = rollout.completion_ids.shape[0], rollout.prompt_ids.shape[1] + completion
+    return {"precision": describe(recipe.model.mixed_precision, recipe.model.dtype),
+            "lm_head_dtype": str(model.lm_head.weight.dtype), "master_weights": masters.active,
+            "gradient_checkpointing": recipe.train.gradient_checkpointing, "sequences": rows,
+            "sequence_tokens": width, "micro_batch": recipe.train.micro_batch_size, "skipped_layers": list(skip),
+            "step_seconds": seconds, "tokens_per_s": rows * width / seconds, "peak_memory_mb": peak_memory_mb(device),
+            **{key: stats[key] for key in ("loss", "grad_norm", "trained_sequences", "kl_mu_pi", "ess")}}
+
+
+ROW_FIELDS = ("step", "reward_mean", "trained_sequences", "skipped_layers", "time_generate", "time_train",
+              "rollout_tokens_per_sec", "peak_memory_mb")
+
+
+def train_runs(config, sizes: dict[str, Any], device: torch.device, folder: Path) -> dict[str, Any]:
+    """`trainer.train` of the shipped recipe on the random model saved in `folder`: with the dynamic cache, with
+    the static cache (CUDA graphs auto), then the static run resumed for one more step. Per run: the metrics
+    rows' step times, peak memory and rewards, and the wall time including loading and checkpointing."""
+    model_dir = write_model_folder(config, folder / "model", device)
+    data = write_questions(folder / "train.jsonl", 4 * sizes["train_prompts"], sizes["train_prompt_words"])
+    steps = sizes["train_steps"]
+
+    def run(name: str, kv_cache: str, steps: int, resume: bool = False) -> dict[str, Any]:
+        recipe = shipped_recipe(device, sizes, sizes["train_completion_len"], f"model.name_or_path={model_dir}",
+                                f"data.train={data}", "data.eval=null", "data.chat_template=false",
+                                "data.system_prompt=null", f"run.output_dir={folder / name}",
+                                f"rollout.kv_cache={kv_cache}", f"train.steps={steps}", f"train.save_every={steps}",
+                                "train.keep_last=1", "train.eval_every=0", "train.log_rollouts_every=0")
+        rows: list[dict[str, Any]] = []
+        reset_peak_memory(device)
         start = time.perf_counter()
-        step()
-        seconds = _synced(start, device)
-    finally:
-        disable()
-        model.eval()
-    result = {"sequences": rows, "prompt_tokens": prompt, "completion_tokens": completion,
-              "micro_batch": micro, "step_seconds": seconds,
-              "tokens_per_s": rows * (prompt + completion) / seconds}
-    if device.type == "cuda":
-        result["peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        result["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
-    else:
-        result["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
+        logged = train(recipe, resume=resume, reward_fn=first_token_parity, on_step=rows.append).read_metrics()
+        return {"wall_seconds": time.perf_counter() - start, "logged_steps": [row["step"] for row in logged],
+                "rows": [{key: row[key] for key in ROW_FIELDS} for row in rows]}
+
+    dynamic = run("dynamic", "dynamic", steps)
+    shutil.rmtree(folder / "dynamic")  # its checkpoint: free the disk before the next one
+    static = run("static", "static", steps)
+    resumed = run("static", "static", steps + 1, resume=True)
+    continued = ([r["step"] for r in resumed["rows"]] == [steps + 1]
+                 and resumed["logged_steps"] == list(range(1, steps + 2)))
+    return {"dynamic": dynamic, "static": static, "resumed": {**resumed, "continued": continued}}
+
+
+def write_model_folder(config, folder: Path, device: torch.device) -> Path:
+    """The random model as a Hugging Face folder that `load_model` reads: bf16 safetensors (the recipe loads them
+    as float32 masters) and a byte-level tokenizer whose ids are the bytes' values, with EOS = 256. Byte-level
+    because transformers loads a qwen2 folder's tokenizer as `Qwen2Tokenizer` whatever it was saved as, which
+    rebuilds a byte-level BPE from the vocabulary (a word-level one would encode nothing). Ids beyond the
+    vocabulary, which the random model samples, decode to nothing."""
+    chars = bytes_to_unicode()
+    backend = Tokenizer(models.BPE(vocab={**{chars[b]: b for b in range(256)}, EOS: 256}, merges=[]))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=EOS,
+                            unk_token=EOS).save_pretrained(folder)
+    config = copy.deepcopy(config)
+    config.bos_token_id, config.eos_token_id = None, 256  # the tokenizer's
+    torch.manual_seed(0)
+    with torch.device(device):
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def write_questions(path: Path, count: int, words: int) -> Path:
+    """`count` training rows whose questions are `words` random words ("w17 w3 ...": about 4 tokens each)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"id": str(i), "answer": "0", "source": "random",
+             "question": " ".join(f"w{int(w)}" for w in torch.randint(100, (words,), generator=generator))}
+            for i in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def summarise(report: dict[str, Any]) -> None:
@@ -393,10 +485,19 @@ def summarise(report: dict[str, Any]) -> None:
         lines.append(f"with compiled layers: {compiled['compiled_over_graphs']:.2f}x plain graphs, HBM fraction "
                      f"{compiled['roofline']['hbm_fraction']:.2f}, "
                      f"first rollout {compiled['first_rollout_seconds']:.0f} s")
-    if "step_seconds" in report.get("train", {}):
-        train = report["train"]
-        memory = train.get("peak_allocated_mb", train.get("process_peak_rss_mb"))
-        lines.append(f"train step: {train['step_seconds']:.2f} s, peak memory {memory:.0f} MiB")
+    if "step_seconds" in report.get("update", {}):
+        update = report["update"]
+        lines.append(f"shipped update ({update['precision']}): {update['step_seconds']:.2f} s per step, "
+                     f"peak memory {update['peak_memory_mb']:.0f} MiB")
+    runs = report.get("train", {})
+    for name in ("dynamic", "static", "resumed") if "resumed" in runs else ():
+        rows = runs[name]["rows"]
+        lines.append(f"train {name}: steps {[r['step'] for r in rows]}, generate "
+                     f"{statistics.mean(r['time_generate'] for r in rows):.2f} s and update "
+                     f"{statistics.mean(r['time_train'] for r in rows):.2f} s per step, peak memory "
+                     f"{max(r['peak_memory_mb'] for r in rows):.0f} MiB, rewards "
+                     f"{[round(r['reward_mean'], 2) for r in rows]}"
+                     + (f", continued from its checkpoint: {runs[name]['continued']}" if name == "resumed" else ""))
     errors = [name for name, value in report.items() if isinstance(value, dict) and "error" in value]
     if errors:
         lines.append(f"sections with errors: {', '.join(errors)}")

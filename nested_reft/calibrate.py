@@ -155,7 +155,11 @@ def probe_layer_costs(model, rollout: Rollout, rows: list[int], eligible: list[i
 
 @torch.no_grad()
 def block_influence(model, rollout: Rollout) -> list[float]:
-    """1 - cos(h_in, h_out) of every decoder layer, averaged over the completion positions."""
+    """1 - cos(h_in, h_out) of every decoder layer, averaged over the completion positions.
+
+    Only the decoder runs: the LM head's [B, T, V] logits (5 GB at 8 x 1024 tokens of a 152k vocabulary) have
+    nothing to say about what a layer does to the residual stream, and no KV cache is kept either.
+    """
     ids, attention, mask, width = _sequences(rollout)
     positions = torch.zeros_like(attention, dtype=torch.bool)
     positions[:, width - 1 : -1] = mask  # hidden states that predict completion tokens
@@ -169,7 +173,7 @@ def block_influence(model, rollout: Rollout) -> list[float]:
 
     handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
     try:
-        model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0))
+        completion_hidden_states(model, ids, attention, width)
     finally:
         for handle in handles:
             handle.remove()

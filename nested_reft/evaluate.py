@@ -15,7 +15,8 @@ from typing import Any
 
 from nested_reft.data import Example, load_examples
 from nested_reft.errors import UserError
-from nested_reft.models import load_model, resolve_device
+from nested_reft.devices import resolve_device
+from nested_reft.models import load_model
 from nested_reft.precision import resolve_mixed_precision
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import DataConfig, RewardConfig

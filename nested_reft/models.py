@@ -23,6 +23,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nested_reft import lora  # light: peft itself is imported only when adapters are used
+from nested_reft.devices import resolve_device, use_tf32
 from nested_reft.errors import UserError
 from nested_reft.precision import cast_for_inference, resolve_mixed_precision
 
@@ -37,21 +38,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def cache_dir() -> Path:
     """Where converted models live: $NESTED_REFT_CACHE, else ~/.cache/nested-reft."""
     return Path(os.environ.get("NESTED_REFT_CACHE", Path.home() / ".cache" / "nested-reft")).expanduser()
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; an explicit device must exist on this machine."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', found '{device}'") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device: '{device}' was requested but CUDA is not available on this machine; use 'cpu' or 'auto'"
-        )
-    return resolved
 
 
 def reset_peak_memory(device: torch.device) -> bool:
@@ -115,10 +101,12 @@ def load_model(
     pad token (its EOS when it declares none). Unusable sources raise a one-line UserError. `mixed_precision`
     (auto | no | bf16 | fp16) other than no casts the parameters to that compute dtype for inference
     (evaluate, bench, calibrate-skips); training keeps `dtype` weights and lets `precision.MasterWeights` cast.
+    On a CUDA device the float32 matmuls that remain use TF32 (`devices.use_tf32`); on CPU nothing changes.
     """
     torch_dtype = _torch_dtype(dtype)
     target = resolve_device(device)
     mode, _ = resolve_mixed_precision(mixed_precision, target)  # before loading: a bad choice fails fast
+    use_tf32(target)  # every command loads here: the float32 matmuls left on a GPU (the LM head) use TF32
     # transformers' per-load progress bars would interleave with our own progress display.
     transformers.utils.logging.disable_progress_bar()
     model, tokenizer = _finish(*_load_any(name_or_path, torch_dtype), target)

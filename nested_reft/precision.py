@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 
+from nested_reft.devices import resolve_device
 from nested_reft.errors import UserError
+from nested_reft.memory import resolve_gradient_checkpointing
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,9 +125,6 @@ def resolve_runtime(recipe: Any) -> tuple[Any, list[str]]:
     (`model.mixed_precision` -> no | bf16 | fp16, `train.gradient_checkpointing` -> true | false), and the lines to
     show at start: the precision, and the notice when a choice fell back or will be slow. UserError for a choice
     the device cannot run. Loads nothing, so it runs before any model does."""
-    from nested_reft.memory import resolve_gradient_checkpointing
-    from nested_reft.models import resolve_device
-
     device = resolve_device(recipe.model.device)
     mode, notice = resolve_mixed_precision(recipe.model.mixed_precision, device)
     resolved = recipe.model_copy(deep=True)
@@ -226,8 +225,12 @@ class MasterWeights:
             self.params.append(master)
             self._hooks.append(p.register_post_accumulate_grad_hook(self._hook_for(master)))
         self._loss_scale = _LossScale() if self.compute_dtype == torch.float16 else None
-        self._unscaled = False
-        self._found_inf = False
+        self._new_step()
+
+    def _new_step(self) -> None:
+        """Forget what was learnt about the gradients being accumulated (fp16): none is unscaled yet."""
+        self._overflow: torch.Tensor | None = None  # once unscaled: > 0 on the device when a gradient overflowed
+        self._found_inf: bool | None = None  # the same, once known on the host
 
     @property
     def active(self) -> bool:
@@ -252,16 +255,23 @@ class MasterWeights:
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss.backward()`, with the loss multiplied by the dynamic scale under fp16."""
-        self._unscaled = False
+        self._new_step()
         (loss * self._loss_scale.scale if self._loss_scale else loss).backward()
 
     def _unscale(self) -> None:
-        if self._loss_scale and not self._unscaled:
-            inverse = 1.0 / self._loss_scale.scale
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(inverse)
-        self._unscaled = True
+        """Under fp16, divide the gradients by the loss scale, once per step, and flag an overflow on the device.
+
+        GradScaler's fused kernel does both in one pass over every gradient and never waits for the device, so
+        that the step reads one flag instead of syncing once per tensor.
+        """
+        if not self._loss_scale or self._overflow is not None:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        self._overflow = torch.zeros(1, device=device)
+        if grads:
+            inverse = torch.full((1,), 1.0 / self._loss_scale.scale, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self._overflow, inverse)
 
     def clip_grad_norm_(self, max_norm: float, clip: Callable[[list, float], float] | None = None) -> float:
         """Unscale (fp16), then clip the masters' gradients to `max_norm` (with `clip(params, max_norm)` when
@@ -269,30 +279,30 @@ class MasterWeights:
         overflowed: `step` then skips the update)."""
         self._unscale()
         norm = clip(self.params, max_norm) if clip else float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        self._found_inf = not math.isfinite(norm)
+        self._found_inf = not math.isfinite(norm)  # read anyway: `step` need not read the overflow flag
         return norm
 
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         """`optimizer.step()` on the masters, then masters -> model (rounded to nearest in the compute dtype).
 
-        Under fp16 a step whose gradients overflowed is skipped (returns False) and the scale halves.
+        Under fp16 a step whose gradients overflowed is skipped (returns False) and the scale halves; whether they
+        did is one read of a device flag, or none after `clip_grad_norm_`, whose norm already said.
         """
         self._unscale()
+        overflowed = self._loss_scale is not None and (
+            self._found_inf if self._found_inf is not None else bool(self._overflow))
+        self._new_step()
+        if overflowed:
+            optimizer.zero_grad(set_to_none=True)
+            self._loss_scale.scale *= self._loss_scale.backoff_factor
+            self._loss_scale.clean_steps = 0
+            return False
         if self._loss_scale:
-            if not self._found_inf:
-                self._found_inf = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.params)
-            if self._found_inf:
-                optimizer.zero_grad(set_to_none=True)
-                self._loss_scale.scale *= self._loss_scale.backoff_factor
-                self._loss_scale.clean_steps = 0
-                self._found_inf = self._unscaled = False
-                return False
             self._loss_scale.clean_steps += 1
             if self._loss_scale.clean_steps % self._loss_scale.growth_interval == 0:
                 self._loss_scale.scale *= self._loss_scale.growth_factor
         optimizer.step()
         self.copy_to_model()
-        self._found_inf = self._unscaled = False
         return True
 
     @torch.no_grad()

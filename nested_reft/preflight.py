@@ -14,7 +14,8 @@ from pathlib import Path
 
 from nested_reft.distributed import env_world_size
 from nested_reft.errors import UserError
-from nested_reft.models import EMBEDDED_ALIASES, cache_dir, resolve_device
+from nested_reft.devices import resolve_device
+from nested_reft.models import EMBEDDED_ALIASES, cache_dir
 from nested_reft.recipe import Recipe
 from nested_reft.rundir import RunDir
 from nested_reft.skip_control import LayerCosts

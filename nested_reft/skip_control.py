@@ -148,4 +148,7 @@ class AdaptiveController:
         return {"count": self.count, "log_scale": self.log_scale, "measured": self.measured}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.count, self.log_scale, self.measured = state["count"], state["log_scale"], state["measured"]
+        """Continue from a saved state. The saved count is brought within this controller's [min_count,
+        max_count]: a run resumed with a narrower `ratio_range` skips within the new range from its first batch."""
+        self.log_scale, self.measured = state["log_scale"], state["measured"]
+        self.count = min(max(state["count"], self.min_count), self.max_count)

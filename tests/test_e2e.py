@@ -1,6 +1,7 @@
 """End-to-end on the real embedded SmolLM2-135M-Instruct, through the CLI as a user runs it (CPU, minutes)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -25,22 +26,53 @@ def arithmetic_data(tmp_path_factory):
     return root / "train.jsonl", root / "test.jsonl"
 
 
+# The rewards the quickstart's math reward can give: 1 for a correct answer, plus format_weight 0.1 for a
+# '#### <answer>' line.
+QUICKSTART_REWARDS = (0.0, 0.1, 1.0, 1.1)
+
+
+def assert_quickstart_steps(run: Path) -> None:
+    """What two steps of recipes/quickstart.yaml must do (with rollouts logged every step), read from its run folder.
+
+    - Step 1 samples with the full model and probes the skip cost of each eligible layer (all but keep_first 2
+      and keep_last 2 of 30) into reports/layer_costs.json.
+    - The adaptive controller follows those costs: before any measurement it predicts a skip set's KL as the sum
+      of its layers' costs, so after step 1 it adds the cheapest layer exactly when that layer alone costs at
+      most target_kl, and holds at none otherwise; step 2 skips the layers it announced, the cheapest ones.
+    - Every completion's reward is one the math reward can give, and `correct` exactly when it is >= 1; each
+      row's reward_mean and trained_sequences (the rows with a non-zero advantage) are those of its rollouts.
+    """
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["skipped_layers"] == [] and rows[0]["time_probe"] > 0
+    layers = json.loads((run / "reports" / "layer_costs.json").read_text())["layers"]
+    costs = {e["layer"]: e["kl_mu_pi"] for e in layers}
+    assert sorted(costs) == list(range(2, 28)) and all(math.isfinite(c) and c > 0 for c in costs.values())
+    cheapest = sorted(costs, key=lambda i: (costs[i], i))
+    assert rows[0]["target_kl"] == 0.1
+    pays = costs[cheapest[0]] <= rows[0]["target_kl"]
+    assert (rows[0]["skip_decision"], rows[0]["next_num_skipped"]) == (("raise", 1) if pays else ("hold", 0))
+    assert rows[1]["skipped_layers"] == cheapest[: rows[0]["next_num_skipped"]]
+    if not pays:  # nothing skipped, so nothing measured: the same costs give the same decision
+        assert (rows[1]["skip_decision"], rows[1]["next_num_skipped"]) == ("hold", 0)
+    for row in rows:
+        rollouts = [json.loads(line) for line in (run / "rollouts" / f"step-{row['step']}.jsonl").read_text().splitlines()]
+        assert len(rollouts) == 16  # 4 prompts x 4 generations
+        assert all(min(abs(r["reward"] - v) for v in QUICKSTART_REWARDS) < 1e-6 for r in rollouts)
+        assert all(r["correct"] == (r["reward"] >= 1) for r in rollouts)
+        assert row["reward_mean"] == pytest.approx(sum(r["reward"] for r in rollouts) / 16)
+        assert row["trained_sequences"] == sum(r["advantage"] != 0 for r in rollouts)
+
+
 def test_quickstart_trains_two_steps_and_checkpoint_loads(arithmetic_data, tmp_path, capsys):
     train, test = arithmetic_data
     run = tmp_path / "run"
     code, out, err = run_cli(["train", str(REPO / "recipes" / "quickstart.yaml"), "--set", "train.steps=2",
                               "--set", f"run.output_dir={run}", "--set", f"data.train={train}",
-                              "--set", f"data.eval={test}", "--set", "rollout.max_completion_length=48"], capsys)
+                              "--set", f"data.eval={test}", "--set", "rollout.max_completion_length=48",
+                              "--set", "train.log_rollouts_every=1"], capsys)
     assert code in (0, None), err
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    # Adaptive skipping: step 1 samples with the full model and measures every eligible layer's skip cost...
-    assert rows[0]["skipped_layers"] == [] and rows[0]["time_probe"] > 0
-    costs = json.loads((run / "reports" / "layer_costs.json").read_text())
-    assert sorted(e["layer"] for e in costs["layers"]) == list(range(2, 28))  # keep_first/keep_last 2
-    # ...then skips the cheapest layer (at most one more layer per step), never a kept one.
-    cheapest = min(costs["layers"], key=lambda e: e["kl_mu_pi"])["layer"]
-    assert rows[1]["skipped_layers"] in ([], [cheapest]) and rows[0]["next_num_skipped"] == len(rows[1]["skipped_layers"])
+    assert_quickstart_steps(run)
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step-2"
     model = AutoModelForCausalLM.from_pretrained(latest)
@@ -80,7 +112,8 @@ def test_calibrate_skips_writes_a_profile_the_sampler_reads(arithmetic_data, tmp
 
 def test_quickstart_two_steps_under_torchrun_with_two_ranks(arithmetic_data, tmp_path):
     """The documented data-parallel launch on the real model: 2 CPU ranks (gloo), each sampling 2 of the 4
-    prompt groups; rank 0 writes the global metrics and a checkpoint that transformers loads."""
+    prompt groups; rank 0 writes the global metrics, rollouts and layer costs, and a checkpoint that
+    transformers loads."""
     import subprocess
     import sys
 
@@ -89,17 +122,13 @@ def test_quickstart_two_steps_under_torchrun_with_two_ranks(arithmetic_data, tmp
     train, test = arithmetic_data
     run = tmp_path / "run"
     sets = ["train.steps=2", f"run.output_dir={run}", f"data.train={train}", f"data.eval={test}",
-            "rollout.max_completion_length=24", "model.device=cpu"]
+            "rollout.max_completion_length=24", "model.device=cpu", "train.log_rollouts_every=1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), "-m", "nested_reft", "train", str(REPO / "recipes" / "quickstart.yaml"),
                *[a for s in sets for a in ("--set", s)]]
     done = subprocess.run(command, env=rank_env(), cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["skip_decision"] in ("raise", "hold", "lower") for r in rows)  # the controller saw the global KL
-    assert rows[0]["trained_sequences"] <= 16 and 0.0 <= rows[0]["reward_mean"] <= 1.1
-    assert (run / "reports" / "layer_costs.json").is_file()
+    assert_quickstart_steps(run)  # the global batch: both ranks' rollouts, rewards and probed costs
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step-2"
     assert AutoModelForCausalLM.from_pretrained(latest).config.num_hidden_layers == 30

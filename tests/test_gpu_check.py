@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.sh --smoke: the GPU check's code, on CPU at toy sizes, so that it cannot rot unseen."""
+"""benchmarks/gpu_check.sh --smoke: the GPU check's code, on CPU at toy sizes, so that it cannot rot unseen; its
+`update` and `train` sections run the shipped update, trainer and resume."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_gpu_check_smoke_run_writes_every_section(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["smoke"] is True
-    sections = ("environment", "throughput", "graphs", "nested", "roofline", "profile", "train", "compiled")
+    sections = ("environment", "throughput", "graphs", "nested", "roofline", "profile", "update", "train", "compiled")
     failed = {name: report[name] for name in sections if "error" in report[name] or "skipped" in report[name]}
     assert not failed
     speeds = report["throughput"]["tokens_per_s"]
@@ -32,6 +33,17 @@ def test_gpu_check_smoke_run_writes_every_section(tmp_path):
         assert nested["skipped"] and nested["ideal"] > 1 and nested["efficiency"] > 0
     assert report["roofline"]["weight_bytes"] > 0 and report["roofline"]["hbm_fraction"] > 0
     assert report["profile"]["eager"]["top_cpu_ops"], "the profile of a decode step must list operators"
-    assert report["train"]["step_seconds"] > 0 and report["train"]["process_peak_rss_mb"] > 0
+    update = report["update"]  # the shipped recipe's precision: bf16 compute, float32 masters and LM head
+    assert update["master_weights"] and update["lm_head_dtype"] == "torch.float32"
+    assert "float32 master weights" in update["precision"] and update["trained_sequences"] > 0
+    assert update["step_seconds"] > 0 and update["peak_memory_mb"] > 0
+    train = report["train"]
+    for name in ("dynamic", "static"):
+        assert [r["step"] for r in train[name]["rows"]] == [1, 2, 3]
+        assert any(r["trained_sequences"] > 0 for r in train[name]["rows"])  # the parity reward gives signal
+    # The static cache samples what the dynamic one does (bit for bit on CPU), so the rewards agree.
+    assert [r["reward_mean"] for r in train["static"]["rows"]] == [r["reward_mean"] for r in train["dynamic"]["rows"]]
+    assert [r["step"] for r in train["resumed"]["rows"]] == [4] and train["resumed"]["logged_steps"] == [1, 2, 3, 4]
+    assert train["resumed"]["continued"]
     assert report["compiled"]["tokens_per_s"]["graphs + compile"] > 0
     assert "== summary ==" in result.stdout

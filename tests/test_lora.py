@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from nested_reft import lora, trainer, update
+from nested_reft import lora, trainer
 from nested_reft.models import load_model
 from nested_reft.trainer import train
 
@@ -101,28 +101,28 @@ def test_resume_with_lora_is_bit_identical(inputs, tmp_path):
 
 
 def test_reference_is_the_base_with_adapters_disabled(inputs, tmp_path, monkeypatch):
-    """beta > 0 with LoRA loads no second model; the KL to the reference is 0 before the first update (LoRA's
-    B starts at 0) and positive on the second pass over the batch."""
+    """beta > 0 with LoRA loads no second model: the reference is the policy with its adapters switched off. Once
+    a step has made the adapters non-zero, the reference computes the base model's logits and the policy does
+    not; so the KL to the reference is 0 at step 1 (LoRA's B starts at 0) and positive at step 2."""
     model_dir, data = inputs
-    loads = []
-    real = trainer.load_model
-    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
-    recipe = tiny_recipe(model_dir, data, tmp_path / "run", LORA, "train.steps=1", "objective.beta=0.1",
-                         "objective.num_iterations=2", "optimizer.lr=1e-1")
-    seen = []
-    original = update.policy_loss
-
-    def spy(*args, **kwargs):
-        loss, info = original(*args, **kwargs)
-        seen.append(info["kl_sum"].item())
-        return loss, info
-
-    monkeypatch.setattr(update, "policy_loss", spy)
+    loads, attached = [], []
+    real_load, real_attach = trainer.load_model, lora.attach
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(trainer.lora, "attach", lambda *a, **k: attached.append(real_attach(*a, **k)) or attached[0])
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", LORA, "train.steps=2", "objective.beta=0.1",
+                         "optimizer.lr=1e-1")
     rows = train(recipe, reward_fn=starts_with_target(target_id(model_dir))).read_metrics()
     assert len(loads) == 1  # the policy only: no reference copy
-    first_pass = seen[: len(seen) // 2]
-    assert all(kl == 0.0 for kl in first_pass) and seen[-1] > 0
-    assert rows[0]["kl_ref"] > 0
+    assert rows[0]["kl_ref"] == 0.0 and rows[1]["kl_ref"] > 0
+
+    adapters = attached[0]
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()(input_ids=ids).logits
+        policy = adapters.peft_model.get_base_model()(input_ids=ids).logits  # the trained model, adapters on
+        with adapters.reference() as reference:
+            torch.testing.assert_close(reference(input_ids=ids).logits, base)
+    assert not torch.allclose(policy, base, atol=1e-3)  # the adapters have moved: the check above means something
 
 
 def test_lora_recipe_errors_are_one_line_before_training(inputs, tmp_path):

@@ -1,7 +1,9 @@
-"""load_model: local folders, dtypes, devices, errors, and the embedded SmolLM2 alias (e2e)."""
+"""load_model: local folders, dtypes, devices (and their TF32 setting), errors, and the embedded SmolLM2 alias
+(e2e); the package's import graph."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 from pathlib import Path
@@ -13,8 +15,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from nested_reft import models as models_module
+from nested_reft.devices import resolve_device, use_tf32
 from nested_reft.errors import UserError
-from nested_reft.models import cache_dir, load_model, peak_memory_mb, reset_peak_memory, resolve_device
+from nested_reft.models import cache_dir, load_model, peak_memory_mb, reset_peak_memory
 
 from .conftest import VOCAB_SIZE
 
@@ -87,6 +90,66 @@ def test_resolve_device(monkeypatch):
         resolve_device("cuda")
     with pytest.raises(UserError, match="device"):
         resolve_device("tpu-please")
+
+
+@pytest.fixture
+def tf32_switches():
+    """Torch's process-wide TF32 switches, all off during the test and restored after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_tf32_is_switched_on_for_cuda_devices_and_cpu_is_left_alone(tf32_switches):
+    cpu_precision = torch.backends.mkldnn.matmul.fp32_precision
+    use_tf32(torch.device("cpu"))
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    use_tf32(torch.device("cuda", 1))  # sets flags only: no GPU needed
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "high"  # still readable: inductor reads it
+    assert torch.backends.mkldnn.matmul.fp32_precision == cpu_precision
+
+
+def test_load_model_sets_tf32_for_the_device_it_resolved(model_dir, monkeypatch):
+    devices = []
+    monkeypatch.setattr(models_module, "use_tf32", devices.append)
+    load_model(str(model_dir), device="auto")
+    assert devices == [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+
+
+def test_the_package_has_no_import_cycles():
+    """Every `nested_reft` import, at the top of a module or inside a function, as a graph over modules: no
+    module may reach itself (a lazy import hides a circle only until someone moves it to the top)."""
+    root = Path(models_module.__file__).parent
+    files = {".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in root.rglob("*.py")}
+
+    def module(name: str) -> str:  # `nested_reft.data.load_examples` -> `nested_reft.data`
+        while name not in files:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in files.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nested_reft"):
+                imported |= {module(f"{node.module}.{alias.name}") for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {module(alias.name) for alias in node.names if alias.name.startswith("nested_reft")}
+        graph[name] = imported - {name, "nested_reft"}
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            if (name := todo.pop()) not in seen:
+                seen.add(name)
+                todo.extend(graph[name])
+        return seen
+
+    assert len(graph) > 30 and graph["nested_reft.trainer"]
+    assert [name for name in sorted(graph) if name in reachable(name)] == []
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -209,6 +209,45 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_halves_the_scale():
     assert model.weight.dtype == torch.float16 and model.weight.item() == pytest.approx(0.4, abs=1e-3)
 
 
+def count_host_reads(monkeypatch) -> list[str]:
+    """Record every way a tensor's value reaches the host (each one waits for the device on a GPU)."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *args, _read=original, _name=name: (reads.append(_name), _read(self, *args))[1])
+    return reads
+
+
+@pytest.mark.parametrize("overflowing", [None, 5], ids=["clean", "one-tensor-overflows"])
+def test_fp16_step_reads_one_overflow_flag_for_all_the_gradients(monkeypatch, overflowing):
+    """`step` without `clip_grad_norm_` checks the tiny model's 57 gradients for overflow with a single host read;
+    one overflowing tensor is enough to skip the step and halve the scale, and clean steps grow it every
+    `growth_interval` steps."""
+    model = build_tiny(LlamaConfig)
+    masters = MasterWeights(model, "fp16")
+    optimizer = torch.optim.SGD(masters.params, lr=0.1)
+    masters.load_state_dict({**masters.state_dict(), "scale": 2.0**8, "growth_interval": 2})
+    before = [m.detach().clone() for m in masters.params]
+    for step in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        # Gradient 1 everywhere, 2^8 once scaled; 2^18 in one tensor: beyond fp16's 65504.
+        masters.backward(sum(p.float().sum() * (2.0**10 if i == overflowing else 1.0)
+                             for i, p in enumerate(model.parameters())))
+        reads = count_host_reads(monkeypatch)
+        stepped = masters.step(optimizer)
+        monkeypatch.undo()
+        assert len(reads) == 1
+        assert stepped is (overflowing is None)
+    assert len(masters.params) == 57
+    if overflowing is None:  # unscaled gradients of 1: every weight moved by lr twice; the scale grew once
+        assert all(torch.allclose(m, b - 0.2) for m, b in zip(masters.params, before))
+        assert masters.loss_scale == 2.0**9
+    else:
+        assert all(torch.equal(m, b) for m, b in zip(masters.params, before))
+        assert masters.loss_scale == 2.0**6
+
+
 def test_no_mode_is_a_pass_through():
     model = build_tiny(LlamaConfig)
     masters = MasterWeights(model, "no")
@@ -279,3 +318,69 @@ def test_fp32_head_keeps_logits_float32_and_tied_embeddings_work():
         logits, expected = model(ids).logits, reference(ids).logits
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, expected, atol=0.5, rtol=0.05)  # bf16 decoder, float32 head
+
+
+# -- a tied LM head, trained -----------------------------------------------------------------------------------------
+
+
+def test_tied_embeddings_train_in_bf16_with_float32_masters_and_stay_tied(tmp_path, monkeypatch):
+    """SmolLM2 and Qwen2.5 tie the LM head to the input embedding. Trained through `train` in bf16 with float32
+    masters, that one weight stays one float32 parameter (its own master, updated through both of its uses) while
+    the decoder computes in bf16 and moves through its masters; the policy learns; and the tie survives the
+    checkpoint (`from_pretrained` gives one tensor) and a resumed run."""
+    from nested_reft import trainer
+    from nested_reft.trainer import train
+
+    from .test_trainer import starts_with_target, target_id, tiny_recipe
+    from .tiny import write_examples, write_tiny_model
+
+    untied = write_tiny_model(tmp_path / "untied")
+    config = LlamaConfig.from_pretrained(untied, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tied"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).write_bytes((untied / name).read_bytes())
+    data = write_examples(tmp_path / "train.jsonl", 24)
+
+    masters_seen = []
+    monkeypatch.setattr(trainer, "MasterWeights", lambda *a, **k: masters_seen.append(MasterWeights(*a, **k))
+                        or masters_seen[-1])
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=40", "model.mixed_precision=bf16",
+                         "skipping.ratio=0.0", "objective.correction=none", "train.save_every=1")
+    rows = []
+
+    def stop_when_learned(row):
+        rows.append(row)
+        if len(rows) >= 3 and sum(r["reward_mean"] for r in rows[-3:]) / 3 >= 0.8:
+            raise StopIteration
+
+    reward = starts_with_target(target_id(model_dir))
+    with pytest.raises(StopIteration):
+        train(recipe, reward_fn=reward, on_step=stop_when_learned)
+    assert rows[0]["reward_mean"] < 0.4  # near chance (1/16) at first, learned within 40 steps
+
+    masters = masters_seen[0]
+    model = masters.model
+    tied = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is tied and tied.dtype == torch.float32
+    assert sum(p is tied for p in masters.params) == 1  # one parameter, its own master: one AdamW state
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16 and masters.active
+
+    start = load_file(model_dir / "model.safetensors")
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step-{rows[-1]['step']}"
+    end = load_file(checkpoint / "model.safetensors")
+    assert "lm_head.weight" not in end  # saved once, as the embedding
+    assert all(t.dtype == torch.float32 for t in end.values()) and end.keys() == start.keys()
+    assert all(not torch.equal(end[k], start[k]) for k in start), "every weight moved, the tied one included"
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(reloaded.lm_head.weight, end["model.embed_tokens.weight"])
+
+    resumed = train(tiny_recipe(model_dir, data, tmp_path / "run", f"train.steps={len(rows) + 1}",
+                                "model.mixed_precision=bf16", "skipping.ratio=0.0", "objective.correction=none",
+                                "train.save_every=1"), resume=True, reward_fn=reward)
+    assert [r["step"] for r in resumed.read_metrics()] == list(range(1, len(rows) + 2))
+    model = masters_seen[-1].model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert resumed.read_metrics()[-1]["reward_mean"] >= 0.5

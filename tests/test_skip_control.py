@@ -101,6 +101,17 @@ def test_state_round_trip_gives_the_same_decisions():
     assert run(resumed, 10, noise=0.3, seed=2) == expected
 
 
+@pytest.mark.parametrize("lo, hi", [(0, 4), (14, 18)], ids=["narrower-above", "narrower-below"])
+def test_a_state_resumed_under_a_narrower_range_skips_within_it(lo, hi):
+    ctrl = controller(target=1.2)
+    run(ctrl, 12)
+    assert 4 < ctrl.count < 14  # the saved decision lies outside both resumed ranges
+    resumed = controller(target=1.2, lo=lo, hi=hi)
+    resumed.load_state_dict(ctrl.state_dict())
+    assert lo <= resumed.count <= hi and resumed.log_scale == ctrl.log_scale
+    assert all(lo <= k <= hi for k in run(resumed, 10))
+
+
 def test_profile_round_trip(tmp_path):
     costs = LayerCosts({3: 0.25, 4: 0.125}, 8)
     costs.write(tmp_path / "costs.json")

@@ -12,6 +12,7 @@ from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Q
 
 from nested_reft import rollout as rollout_module
 from nested_reft import static_engine
+from nested_reft.decode_graphs import DecodeGraphs
 from nested_reft.errors import UserError
 from nested_reft.static_cache import AttentionMasks, StaticKVCache, prefill_mask
 from nested_reft.static_engine import StaticEngine, batch_buckets, engine_for
@@ -250,6 +251,25 @@ def test_cuda_graphs_auto_matches_dynamic_on_gpu(tiny_prompts):
     assert engine_for(model, 12, 32, graphs=True).graphs is not None
     assert torch.equal(dynamic.completion_ids, static.completion_ids)
     torch.testing.assert_close(dynamic.behavior_log_probs, static.behavior_log_probs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_generate_replays_graphs_on_cuda_only(monkeypatch, tiny_prompts, device):
+    """`generate(kv_cache="static", cuda_graphs="auto")`, as the trainer calls it: on a GPU every decode step
+    replays captured graphs (one per decoder layer at least); on CPU it runs eagerly and never captures one."""
+    calls = Counter()
+    for name in ("capture", "replay"):
+        real = getattr(DecodeGraphs, name)
+        monkeypatch.setattr(DecodeGraphs, name,
+                            lambda self, *args, _real=real, _name=name: calls.update([_name]) or _real(self, *args))
+    model = build_tiny(LlamaConfig).to(device)
+    rollout = run(model, tiny_prompts, eos=[VOCAB_SIZE], seed=0, max_new_tokens=8, kv_cache="static",
+                  cuda_graphs="auto")  # VOCAB_SIZE: no EOS, so 7 decode steps after the prefill's token
+    assert rollout.completion_mask.all()
+    if device == "cuda":
+        assert calls["capture"] > 0 and calls["replay"] >= 7 * NUM_LAYERS
+    else:
+        assert not calls
 
 
 def test_recipe_fields_select_the_engine(tmp_path):

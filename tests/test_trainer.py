@@ -92,7 +92,9 @@ def test_policy_learns_a_rewarded_first_token(tiny_run_inputs, tmp_path, overrid
         mismatch = [r["sampler_lp_abs_diff"] for r in rows if "sampler_lp_abs_diff" in r]
         assert len(mismatch) >= len(rows) // 2
         if "model.mixed_precision=bf16" in overrides:
-            assert all(0 < m < 0.1 for m in mismatch)
+            # Hardware-dependent, so reported rather than asserted: a few 1e-2 where bf16 is emulated (AVX2), and
+            # exactly 0 on a CPU whose native bf16 kernels (AMX, AVX512-BF16) give sampler and trainer the same sums.
+            assert all(0 <= m < 0.1 for m in mismatch)
         else:
             assert all(m < 1e-4 for m in mismatch)
     else:
@@ -137,13 +139,18 @@ def test_periodic_evaluation_is_logged(tiny_run_inputs, tmp_path):
 
 
 def test_reference_kl_and_several_iterations(tiny_run_inputs, tmp_path):
-    """beta > 0 loads the frozen reference; with 2 passes per batch the second pass has moved away from it."""
+    """beta > 0 loads the frozen reference; with 2 passes per batch the second pass has moved away from it. The
+    schedule advances once per pass: the lr logged after step s is that of update 2s, here through warmup
+    (4 updates) and then a cosine decay to 0 at the last of the 8."""
     model_dir, data = tiny_run_inputs
-    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=2", "skipping.ratio=0.25",
-                         "objective.beta=0.1", "objective.num_iterations=2", "train.micro_batch_size=5")
+    recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=4", "skipping.ratio=0.25",
+                         "objective.beta=0.1", "objective.num_iterations=2", "train.micro_batch_size=5",
+                         "optimizer.warmup_steps=4", "optimizer.schedule=cosine")
     rows = train(recipe, reward_fn=starts_with_target(target_id(model_dir))).read_metrics()
     assert all(r["kl_ref"] > 0 for r in rows)
-    assert rows[-1]["lr"] == pytest.approx(3e-2)
+    schedule = lr_lambda(4, 8, "cosine")
+    assert [r["lr"] for r in rows] == pytest.approx([3e-2 * schedule(2 * r["step"]) for r in rows])
+    assert [r["lr"] for r in rows] == pytest.approx([0.75 * 3e-2, 3e-2, 0.5 * 3e-2, 0.0])  # a new lr every step
 
 
 # -- exact resume ---------------------------------------------------------------------------------------------------
@@ -268,7 +275,8 @@ def test_bf16_run_keeps_updates_of_lr_1e_7_and_records_the_resolved_precision(ti
     assert lost_in_bf16 > 0.5 * sum(d.numel() for d in moved.values())
     rows = run.read_metrics()
     assert all(r["weight_min"] == r["weight_max"] == 1.0 for r in rows)  # baseline stays exactly on-policy
-    assert all(r["sampler_lp_abs_diff"] > 0 for r in rows)
+    # Measured and reported; its size depends on the CPU (0 where native bf16 kernels make sampler and trainer agree).
+    assert all(0 <= r["sampler_lp_abs_diff"] < 0.1 for r in rows)
 
 
 # -- components -----------------------------------------------------------------------------------------------------
