@@ -3,7 +3,7 @@
 One step, top to bottom (see `_train`):
 
     prompts  -> draw a skip set S -> sample G completions per prompt from mu_S (rollout engine)
-             -> score them (math reward) -> group advantages (scoring)
+             -> score them (the recipe's reward functions) -> group advantages (scoring)
              -> num_iterations passes of micro-batched PPO-clipped updates over the rows with signal, each
                 token weighted by an importance-correction weight w(lp_old, lp_b) that accounts for sampling
                 from mu_S, not pi_theta (update)
@@ -52,7 +52,7 @@ from nested_reft.recipe import Recipe
 from nested_reft.rollout import Rollout, generate
 from nested_reft.rundir import RunDir, resolve_model_path
 from nested_reft.sampling import SamplingParams
-from nested_reft.scoring import RewardFn, batch_metrics, math_reward_fn, save_rollouts, score
+from nested_reft.scoring import RewardFn, batch_metrics, reward_scorer, save_rollouts, score
 from nested_reft.skip_control import LayerCosts
 from nested_reft.skipping import SkipSampler, decoder_layers
 from nested_reft.stopping import GracefulStop, TrainingStopped
@@ -126,7 +126,7 @@ def _train(recipe: Recipe, world: World, *, resume: bool, overwrite: bool, rewar
     if resume and sampler.needs_costs and costs_path.is_file():  # measured by this run before it stopped
         sampler.set_costs(LayerCosts.read(costs_path, sampler.num_layers))
     health, guard = TrainingHealth(recipe), NonFiniteGuard(recipe.train.max_nonfinite_steps)
-    reward_fn = reward_fn or math_reward_fn(recipe)
+    scorer = reward_scorer(recipe, reward_fn)
     opt = recipe.optimizer
     optimizer = torch.optim.AdamW(masters.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
     total_updates = recipe.train.steps * recipe.objective.num_iterations
@@ -193,7 +193,8 @@ def _train(recipe: Recipe, world: World, *, resume: bool, overwrite: bool, rewar
                         costs.write(costs_path)
                     sampler.set_costs(costs)
             t2 = time.perf_counter()
-            batch = score(rollout, examples, tokenizer, reward_fn, group_size, recipe.objective.scale_rewards, world)
+            batch = score(rollout, examples, tokenizer, scorer, group_size, recipe.objective.scale_rewards, world,
+                          step=step)
             t3 = time.perf_counter()
             stats = optimise(model, reference, optimizer, scheduler, batch, recipe, params, masters, policy=policy)
             control = sampler.observe(skip, stats["kl_mu_pi"])  # the global KL: every rank's controller agrees

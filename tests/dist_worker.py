@@ -22,7 +22,7 @@ class Stop(Exception):
 
 def main() -> None:
     config = json.loads(open(sys.argv[1]).read())
-    from nested_reft import distributed, trainer
+    from nested_reft import distributed
     from nested_reft.cli import main as cli_main
     from nested_reft.cli import train as cli_train
     from nested_reft.errors import UserError
@@ -50,9 +50,8 @@ def main() -> None:
             if row["step"] == config.get("stop_after"):
                 raise Stop
 
-        return original(cfg, on_step=counted, **kwargs)
+        return original(cfg, on_step=counted, reward_fn=reward, **kwargs)
 
-    trainer.math_reward_fn = lambda _recipe: reward
     cli_train.run_training = run_training
     try:
         cli_main.main(["train", *config["argv"]])
