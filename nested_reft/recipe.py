@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from nested_reft.errors import UserError
+from nested_reft.recipe_paths import resolve_recipe_paths
 from nested_reft.rewards.builtin import BUILTINS
 from nested_reft.rewards.user import split_ref
 
@@ -334,7 +335,8 @@ class TrainConfig(Section):
         3, ge=1, description="Stop with an error after this many steps in a row whose loss or gradient is not finite."
     )
     report_to: list[ReportTo] = Field(
-        default_factory=list, description="Experiment trackers fed each metrics row: tensorboard, wandb (extras)."
+        default_factory=list, description="Experiment trackers fed each metrics row: tensorboard, wandb (extras); "
+        "one name alone, or none, as in TRL."
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
@@ -349,6 +351,14 @@ class TrainConfig(Section):
         1800.0, gt=0.0, description="Under torchrun: how long a rank waits in a collective before the job fails; "
         "must exceed the longest rank-0-only work (evaluation, checkpoint writing)."
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        """`report_to: wandb`, as TRL takes it, is the list of that one tracker (and `none`, TRL's, no tracker)."""
+        if isinstance(value, str):
+            return [] if value == "none" else [value]
+        return value
 
     @field_validator("report_to")
     @classmethod
@@ -385,7 +395,8 @@ class Recipe(Section):
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read and validate a recipe file (None: all defaults) with `section.field=value` overrides applied.
+    """Read and validate a recipe file (None: all defaults) with `section.field=value` overrides applied. The file's
+    relative input paths are made absolute against its folder (`recipe_paths`); overrides are taken as they are.
 
     Raises UserError with one line naming the file and the dotted field on any problem.
     """
@@ -402,6 +413,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"{path}: expected a mapping of sections at the top level, found {type(loaded).__name__}")
         raw = loaded or {}
+        resolve_recipe_paths(raw, path.parent)  # before the overrides: --set values are relative to the shell's folder
     for item in overrides:
         _apply_override(raw, item)
     try:
