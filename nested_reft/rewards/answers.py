@@ -74,8 +74,8 @@ def extract_answer(text: str, *, last_number_fallback: bool = False) -> str | No
 
 
 def has_marked_answer(text: str) -> bool:
-    """Whether `text` ends its work with a well-formed final-answer marker: a `####` line or a closed `\\boxed{}`
-    whose content is not empty once normalised (the `format` reward)."""
+    """Whether `text` has a well-formed final-answer marker: a `####` line or a closed `\\boxed{}` whose content is
+    not empty once normalised (the format bonus, and the `format` reward)."""
     marked = _marked_answer(text)
     return marked is not None and bool(_normalise(marked))
 
