@@ -102,26 +102,30 @@ def _format(_params: NoParams, _context: Context) -> RewardCallable:
 
 def _soft_overlong(params: SoftOverlongParams, context: Context) -> RewardCallable:
     max_length = params.max_length or context.max_completion_length
-    if params.cache > max_length:
-        raise UserError(f"reward.functions: soft_overlong: cache ({params.cache}) must be at most max_length "
-                        f"({max_length}, {'set' if params.max_length else 'the completion limit'})")
-
-    def soft_overlong(completion_ids: list[list[int]], **_: Any) -> list[float | None]:
-        return [soft_overlong_penalty(len(ids), max_length, params.cache) for ids in completion_ids]
-
-    return soft_overlong
+    _check_fits("soft_overlong", "cache", params.cache, max_length, params.max_length is not None, below=False)
+    return _of_length(lambda n: soft_overlong_penalty(n, max_length, params.cache))
 
 
 def _length(params: LengthParams, context: Context) -> RewardCallable:
     max_length = params.max_length or context.max_completion_length
-    if params.free >= max_length:
-        raise UserError(f"reward.functions: length: free ({params.free}) must be below max_length ({max_length}, "
-                        f"{'set' if params.max_length else 'the completion limit'})")
+    _check_fits("length", "free", params.free, max_length, params.max_length is not None, below=True)
+    return _of_length(lambda n: length_penalty(n, max_length, params.free))
 
-    def length(completion_ids: list[list[int]], **_: Any) -> list[float | None]:
-        return [length_penalty(len(ids), max_length, params.free) for ids in completion_ids]
 
-    return length
+def _of_length(penalty: Callable[[int], float]) -> RewardCallable:
+    """A reward function of each completion's length in tokens."""
+
+    def of_length(completion_ids: list[list[int]], **_: Any) -> list[float | None]:
+        return [penalty(len(ids)) for ids in completion_ids]
+
+    return of_length
+
+
+def _check_fits(function: str, key: str, value: int, max_length: int, explicit: bool, *, below: bool) -> None:
+    """UserError unless `value` is at most (`below`: under) `max_length`, which the recipe set or defaulted."""
+    if value > max_length or (below and value == max_length):
+        raise UserError(f"reward.functions: {function}: {key} ({value}) must be {'below' if below else 'at most'} "
+                        f"max_length ({max_length}, {'set' if explicit else 'the completion limit'})")
 
 
 def _repetition(params: RepetitionParams, _context: Context) -> RewardCallable:

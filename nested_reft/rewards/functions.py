@@ -22,6 +22,7 @@ a value that is not a finite number) is a UserError of one line naming the funct
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -168,8 +169,11 @@ class RewardFunctions:
 
     def _failing_row(self, function: RewardFunction, batch: Completions) -> str:
         """The first row on which `function` raises when called on it alone (only ever asked once it has raised on
-        the batch, to name the row in the error), or a phrase saying that none does."""
+        the batch, to name the row in the error), or a phrase saying that none does within `timeout_s` of trying."""
+        deadline = time.monotonic() + self.timeout_s
         for i in range(len(batch.texts)):
+            if time.monotonic() > deadline:
+                break
             row = batch.row(i)
             try:
                 reply = self._reply(function, {**row.arguments(), **function.params}, row)
@@ -177,7 +181,7 @@ class RewardFunctions:
                 return batch.describe_row(i)
             if reply[0] == "raised":
                 return batch.describe_row(i)
-        return f"the batch of {len(batch.texts)} completions (no row alone makes it raise)"
+        return f"the batch of {len(batch.texts)} completions (no row tried alone made it raise)"
 
 
 def _load(ref: str) -> str:
