@@ -120,7 +120,8 @@ def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataC
                             "predicted": [extract_answer(t, last_number_fallback=reward_cfg.last_number_fallback)
                                           for t in texts[rows]],
                             "correct": scores.correct[rows], "reward": scores.total[rows],
-                            "rewards": {name: values[rows] for name, values in scores.values.items()}})
+                            "rewards": {name: values[rows] for name, values in scores.values.items()},
+                            "columns": ex.columns})
         if on_batch:
             on_batch(len(chunk))
 

@@ -1,8 +1,11 @@
 """Scoring a rollout: a reward per completion, group advantages, and what the metrics row says about them.
 
-Row i of a rollout belongs to prompt i // G. Rewards come from a `RewardFn` (the math reward by default; tests
-plug in synthetic tasks a tiny random model can learn). Advantages are computed over the whole batch's rewards
-(gathered from every rank under torchrun: `scale_rewards: batch` needs them all), then sliced to this rank's rows.
+Row i of a rollout belongs to prompt i // G. Rewards come from the recipe's reward functions (`rewards.functions`:
+the math reward and the format bonus unless `reward.functions` says otherwise, each function's own rewards kept for
+the metrics and the saved rollouts), or, through the Python API `train(recipe, reward_fn=f)`, from a function of
+one completion (tests plug in synthetic tasks a tiny random model can learn). Advantages are computed over the
+whole batch's rewards (gathered from every rank under torchrun: `scale_rewards: batch` needs them all), then sliced
+to this rank's rows.
 """
 
 from __future__ import annotations

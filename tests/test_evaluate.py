@@ -54,7 +54,7 @@ def test_evaluate_writes_report_and_examples(tmp_path):
     assert report["n"] == 4 and report["tokens_per_sec"] > 0
     rows = [json.loads(line) for line in report_path.with_suffix(".examples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(len(r["completions"]) == 3 and len(r["correct"]) == 3 for r in rows)
-    assert all(r["rewards"]["math"] == [0.0] * 3 and r["reward"] == [0.0] * 3 for r in rows)
+    assert all(r["rewards"]["math"] == [0.0] * 3 and r["reward"] == [0.0] * 3 and r["columns"] == {} for r in rows)
     # The tiny model emits word tokens, never the integer gold answers or a marker: every metric is exactly 0.
     assert report["metrics"] == {"pass@1": 0.0, "pass@k": 0.0, "maj@k": 0.0, "rewards/math/mean": 0.0,
                                  "rewards/format/mean": 0.0}
