@@ -37,7 +37,7 @@ from nested_reft.recipe import Recipe
 from nested_reft.rollout import generate
 from nested_reft.rundir import resolve_model_path
 from nested_reft.sampling import SamplingParams
-from nested_reft.scoring import math_reward_fn, score
+from nested_reft.scoring import reward_scorer, score
 from nested_reft.skipping import SkipSampler, decoder_layers
 from nested_reft.update import optimise
 
@@ -97,7 +97,7 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
     # step): the states stay allocated, as in training, instead of being created inside each update's window.
     optimizer = torch.optim.AdamW(masters.params, lr=recipe.optimizer.lr) if masters is not None else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0) if optimizer is not None else None
-    reward_fn = math_reward_fn(recipe)
+    scorer = reward_scorer(recipe)
 
     def run_once(skip: tuple[int, ...], max_new_tokens: int, gc: bool) -> dict[str, float]:
         if masters is not None:  # every mode samples and trains from the same weights
@@ -120,7 +120,7 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
                   "peak_memory_mb": peak_memory_mb(device)}
         if what == "train":
             generated = time.perf_counter()
-            batch = score(rollout, examples, tokenizer, reward_fn, recipe.rollout.num_generations,
+            batch = score(rollout, examples, tokenizer, scorer, recipe.rollout.num_generations,
                           recipe.objective.scale_rewards)
             scored = time.perf_counter()
             if resettable:  # the update's own peak (activations, gradients, optimiser states), rollout excluded

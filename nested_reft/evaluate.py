@@ -1,7 +1,11 @@
-"""Accuracy of a model on a data set: pass@1, pass@k and maj@k, with the full model and the rollout engine.
+"""Accuracy of a model on a data set: pass@1, pass@k and maj@k, with the full model and the rollout engine, beside
+the mean of each of the recipe's reward functions.
 
-`evaluate_examples` is the library entry point (train calls it every `eval_every` steps); `evaluate` adds
-what the `evaluate` command needs around it: resolving the model and data, and writing the report files.
+A completion is correct by the `math` reward function when the recipe has it, else when its total reward reaches
+`reward.correct_threshold`; maj@k (a vote among final answers) needs `math`. Reward functions are called on each
+decoded batch as in training, with `step` 0. `evaluate_examples` is the library entry point (train calls it every
+`eval_every` steps); `evaluate` adds what the `evaluate` command needs around it: resolving the model and data, and
+writing the report files.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from nested_reft.models import load_model
 from nested_reft.precision import resolve_mixed_precision
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import DataConfig, RewardConfig
-from nested_reft.rewards import answers_match, math_reward
+from nested_reft.rewards import answers_match, extract_answer
+from nested_reft.rewards.functions import Completions, RewardFunctions
 from nested_reft.rollout import generate
 from nested_reft.rundir import atomic_write_json, atomic_write_text, resolve_model_path
 from nested_reft.sampling import SamplingParams
@@ -58,16 +63,17 @@ def majority_correct(predicted: list[str | None], correct: list[bool], timeout_s
 class EvalReport:
     """Metrics, settings and per-example records of one evaluation."""
 
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]  # None: a reward function that applied to no completion
     settings: dict[str, Any]
     n: int
     seconds: float
     tokens_per_sec: float
     records: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
-    def to_dict(self, *, model: str, data: str) -> dict[str, Any]:
-        return {"model": model, "data": data, "settings": self.settings, "metrics": self.metrics, "n": self.n,
-                "seconds": self.seconds, "tokens_per_sec": self.tokens_per_sec}
+    def to_dict(self, *, model: str, data: Any) -> dict[str, Any]:
+        """The report's JSON; `data` is the data set as the recipe names it (a string, or a `recipe.DataSource`)."""
+        return {"model": model, "data": data if isinstance(data, str) else data.model_dump(), "settings": self.settings,
+                "metrics": self.metrics, "n": self.n, "seconds": self.seconds, "tokens_per_sec": self.tokens_per_sec}
 
 
 def check_sampling(samples: int, temperature: float) -> None:
@@ -87,10 +93,13 @@ def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataC
     """Sample `samples` completions per example with the full model and score them.
 
     pass@1 is the mean accuracy over all samples (greedy when samples == 1 and temperature == 0); with
-    samples > 1 the report adds pass@k and maj@k for k = samples. `batch_size` completions are decoded together:
+    samples > 1 the report adds pass@k and, with the `math` function, maj@k for k = samples; then each reward
+    function's mean, `rewards/<name>/mean`, over the completions it applies to. The reward functions default
+    their length limits to `max_new_tokens`. `batch_size` completions are decoded together:
     finished rows leave the batch, so a large batch costs little where most answers are short (64 against 16
     decodes 1.5x the tokens per CPU second on SmolLM2, 2 cores).
     """
+    rewards = RewardFunctions.from_config(reward_cfg, max_new_tokens)
     params = SamplingParams(temperature=temperature, top_p=top_p)
     eos = eos_token_ids(tokenizer, model.generation_config)
     prompts_per_batch = max(1, batch_size // samples)
@@ -103,31 +112,38 @@ def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataC
                            kv_cache=kv_cache, cuda_graphs=cuda_graphs)
         tokens += rollout.tokens_generated
         gen_seconds += rollout.prefill_seconds + rollout.decode_seconds
-        texts = tokenizer.batch_decode(rollout.completions(), skip_special_tokens=True)
+        ids = rollout.completions()
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        scores = rewards(Completions(texts, ids, [ex for ex in chunk for _ in range(samples)], 0, "evaluation"))
         for j, ex in enumerate(chunk):
-            completions = texts[j * samples : (j + 1) * samples]
-            results = [math_reward(t, ex.answer, last_number_fallback=reward_cfg.last_number_fallback,
-                                   timeout_s=reward_cfg.timeout_s) for t in completions]
-            records.append({"id": ex.id, "question": ex.question, "gold": ex.answer, "completions": completions,
-                            "predicted": [r.predicted for r in results],
-                            "correct": [r.reason == "correct" for r in results]})
+            rows = slice(j * samples, (j + 1) * samples)
+            records.append({"id": ex.id, "question": ex.question, "gold": ex.answer, "completions": texts[rows],
+                            "predicted": [extract_answer(t, last_number_fallback=reward_cfg.last_number_fallback)
+                                          for t in texts[rows]],
+                            "correct": scores.correct[rows], "reward": scores.total[rows],
+                            "rewards": {name: values[rows] for name, values in scores.values.items()},
+                            "columns": ex.columns})
         if on_batch:
             on_batch(len(chunk))
 
     n = len(records)
     correct = [sum(r["correct"]) for r in records]
-    metrics = {"pass@1": sum(c / samples for c in correct) / n if n else 0.0}
+    metrics: dict[str, float | None] = {"pass@1": sum(c / samples for c in correct) / n if n else 0.0}
     if samples > 1:
         metrics["pass@k"] = sum(pass_at_k(samples, c, samples) for c in correct) / n if n else 0.0
-        metrics["maj@k"] = sum(majority_correct(r["predicted"], r["correct"], reward_cfg.timeout_s)
-                               for r in records) / n if n else 0.0
+        if rewards.has_math:
+            metrics["maj@k"] = sum(majority_correct(r["predicted"], r["correct"], reward_cfg.timeout_s)
+                                   for r in records) / n if n else 0.0
+    for name in rewards.names:
+        applicable = [v for r in records for v in r["rewards"][name] if v is not None]
+        metrics[f"rewards/{name}/mean"] = sum(applicable) / len(applicable) if applicable else None
     settings = {"samples": samples, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                 "seed": seed}
     return EvalReport(metrics, settings, n, time.perf_counter() - start,
                       tokens / gen_seconds if gen_seconds else 0.0, records)
 
 
-def evaluate(model_spec: str, data_spec: str, *, split: str, limit: int | None, samples: int, temperature: float,
+def evaluate(model_spec: str, data_spec: Any, *, split: str, limit: int | None, samples: int, temperature: float,
              max_new_tokens: int, data_cfg: DataConfig, reward_cfg: RewardConfig, dtype: str, device: str,
              seed: int, report_path: Path, mixed_precision: str = "no", on_batch=None, kv_cache: str = "dynamic",
              cuda_graphs: str = "auto", batch_size: int = 64) -> dict[str, Any]:

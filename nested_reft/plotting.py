@@ -3,7 +3,8 @@ seconds) and `bench --plot` (rollout tokens/sec against skip ratio).
 
 The runs figure answers "does nested match baseline, and sooner?": each row is one quantity, the left column plots
 it per step, the right per second of wall clock (so a run whose steps are cheaper reaches the same reward
-further left), and the bottom panel splits each run's mean step time into its phases.
+further left), then one row per reward function (its mean, `rewards/<name>/mean`), and the bottom panel splits
+each run's mean step time into its phases.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def read_runs(paths: list[Path]) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
+def panels(runs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:
+    """(metrics key, axis label) of each row of the figure: `PANELS`, then each reward function any run logged."""
+    keys = dict.fromkeys(k for rows in runs.values() for r in rows for k in r
+                         if k.startswith("rewards/") and k.endswith("/mean"))
+    return PANELS + [(key, f"reward: {key.split('/')[1]} (mean)") for key in keys]
+
+
 def wall_seconds(rows: list[dict[str, Any]]) -> list[float]:
     """Seconds since the run started at the end of each step (`time_elapsed`, else the sum of step phases)."""
     if all("time_elapsed" in r for r in rows):
@@ -55,11 +63,12 @@ def wall_seconds(rows: list[dict[str, Any]]) -> list[float]:
 def plot_runs(paths: list[Path], out: Path) -> None:
     """Draw the runs' metrics to the PNG `out` (written atomically)."""
     runs = read_runs(paths)
+    rows_of_figure = panels(runs)
     plt = _pyplot()
-    fig = plt.figure(figsize=(12, 3 * (len(PANELS) + 1)), dpi=100)
-    grid = fig.add_gridspec(len(PANELS) + 1, 2)
+    fig = plt.figure(figsize=(12, 3 * (len(rows_of_figure) + 1)), dpi=100)
+    grid = fig.add_gridspec(len(rows_of_figure) + 1, 2)
     colors = {label: f"C{i % 10}" for i, label in enumerate(runs)}
-    for row, (key, title) in enumerate(PANELS):
+    for row, (key, title) in enumerate(rows_of_figure):
         for col, xlabel in enumerate(("step", "wall-clock seconds")):
             ax = fig.add_subplot(grid[row, col])
             for label, rows in runs.items():
@@ -76,7 +85,7 @@ def plot_runs(paths: list[Path], out: Path) -> None:
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.legend(fontsize=8)
-    ax = fig.add_subplot(grid[len(PANELS), :])
+    ax = fig.add_subplot(grid[len(rows_of_figure), :])
     bottoms = [0.0] * len(runs)
     for i, phase in enumerate(PHASES):
         means = [sum(r.get(phase, 0.0) for r in rows) / len(rows) for rows in runs.values()]

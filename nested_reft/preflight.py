@@ -2,7 +2,7 @@
 
 The recipe validates itself when it loads (`nested_reft.recipe`). What it cannot know alone is checked here,
 cheaply: the optional packages its trackers need, whether the device it names exists, the calibration profile
-it points to, and, when the model's `config.json` is at hand (a local folder, a run directory, the embedded
+it points to, its reward functions (a user's is imported in a reward worker), and, when the model's `config.json` is at hand (a local folder, a run directory, the embedded
 model once converted), the skip settings against the model's depth. What needs the weights themselves is
 left to the code that loads them.
 """
@@ -17,6 +17,7 @@ from nested_reft.errors import UserError
 from nested_reft.devices import resolve_device
 from nested_reft.models import EMBEDDED_ALIASES, cache_dir
 from nested_reft.recipe import Recipe
+from nested_reft.rewards.functions import RewardFunctions
 from nested_reft.rundir import RunDir
 from nested_reft.skip_control import LayerCosts
 from nested_reft.skipping import COST_AWARE, SkipSampler
@@ -28,6 +29,13 @@ def check_training(recipe: Recipe) -> None:
     check_available(recipe.train.report_to)
     check_parallel(recipe, env_world_size())
     check_skipping(recipe)
+    check_rewards(recipe)
+
+
+def check_rewards(recipe: Recipe, max_completion_length: int | None = None) -> None:
+    """The reward functions resolve: built-ins' settings fit the completion limit (`max_completion_length`, default
+    the recipe's), and users' files and functions import, in a reward worker (which keeps them loaded for the run)."""
+    RewardFunctions.from_config(recipe.reward, max_completion_length or recipe.rollout.max_completion_length)
 
 
 def check_parallel(recipe: Recipe, world_size: int) -> None:

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, ValidationError
+from pydantic import field_validator, model_validator
 
 from nested_reft.errors import UserError
+from nested_reft.recipe_paths import resolve_recipe_paths
+from nested_reft.rewards.builtin import BUILTINS
+from nested_reft.rewards.user import split_ref
 
 ReportTo = Literal["tensorboard", "wandb"]
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, assignments are validated."""
@@ -89,11 +94,40 @@ class ModelConfig(Section):
         return "no" if value is False else value
 
 
+class DataSource(Section):
+    """A data set whose fields need naming (a hub data set, a raw local file), as prepare-data's flags name them."""
+
+    source: str = Field(min_length=1, description="A preset, a hub data set id (owner/name[:config]) or a local "
+                        ".jsonl/.json/.csv/.parquet file.")
+    question_field: str | None = Field(None, description="prepare-data's --question-field: the field(s) holding the "
+                                       "question (comma-separated: joined). Default: a preset's own, else `question`.")
+    answer_field: str | None = Field(None, description="prepare-data's --answer-field. Default: a preset's own, else "
+                                     "`answer`.")
+    answer_format: Literal["gsm8k", "boxed", "plain"] | None = Field(
+        None, description="prepare-data's --answer-format. Default: a preset's own, or detected in a local file."
+    )
+
+    def __str__(self) -> str:
+        return self.source
+
+
+# A file or SOURCE name, or a DataSource mapping; tagged by the input's shape, so that an error names one of them.
+DataSpec = Annotated[
+    Union[Annotated[NonEmptyStr, Tag("path")], Annotated[DataSource, Tag("fields")]],
+    Discriminator(lambda value: "fields" if isinstance(value, (dict, DataSource)) else "path"),
+]
+
+
 class DataConfig(Section):
-    train: str = Field("arithmetic", min_length=1, description="Project JSONL file, or a prepare-data SOURCE prepared in memory.")
+    train: DataSpec = Field(
+        "arithmetic", description="Project JSONL file, or a prepare-data SOURCE prepared in memory (a preset, a hub "
+        "data set id, a local .jsonl/.json/.csv/.parquet file); {source, question_field, answer_field, answer_format} "
+        "names the fields of one that needs it."
+    )
     train_split: str = "train"
     train_limit: int | None = Field(None, ge=1)
-    eval: str | None = Field("arithmetic", description="Evaluation set (same forms as `train`); null disables eval.")
+    eval: DataSpec | None = Field("arithmetic", description="Evaluation set (same forms as `train`); null "
+                                          "disables eval.")
     eval_split: str = "test"
     eval_limit: int | None = Field(50, ge=1)
     system_prompt: str | None = Field(
@@ -197,10 +231,77 @@ class ObjectiveConfig(Section):
         return self
 
 
+class RewardFunctionConfig(Section):
+    """One reward function: its name, its weight in the total reward, and its parameters (every other key)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field(
+        min_length=1, description="A built-in (math, format, soft_overlong, length, repetition), path/to/file.py:function "
+        "(relative to the recipe's folder) or package.module:function."
+    )
+    weight: float = Field(1.0, allow_inf_nan=False, description="Its weight in the total reward (negative: a penalty).")
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardFunctionConfig:
+        builtin = BUILTINS.get(self.name)
+        if builtin is not None:
+            try:
+                builtin.params.model_validate(self.params)
+            except ValidationError as e:  # one line, as every recipe error; an unknown key first (a typo)
+                raise ValueError(_describe_params(self.name, list(builtin.params.model_fields), e)) from None
+        elif split_ref(self.name) is None:
+            close = difflib.get_close_matches(self.name, list(BUILTINS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown reward function {self.name!r}: {hint}expected a built-in "
+                             f"({', '.join(BUILTINS)}), path/to/file.py:function or package.module:function")
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The keys beyond name and weight: a built-in's settings, or keyword arguments for a user's function."""
+        return dict(self.model_extra or {})
+
+
+def _describe_params(name: str, known: list[str], error: ValidationError) -> str:
+    errors = error.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    key = ".".join(str(p) for p in err["loc"])
+    expected = f"(parameters of {name}: {', '.join(known) or 'none'})"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, known, n=1)
+        return f"{name}: unknown parameter {key!r}" + (f", did you mean {close[0]!r}? " if close else " ") + expected
+    if err["type"] == "missing":
+        return f"{name}: {key} is required {expected}"
+    return f"{name}: {key}: {err['msg'].replace('Input should be', 'expected')}, found {err['input']!r}"
+
+
 class RewardConfig(Section):
-    last_number_fallback: bool = Field(False, description="Use the last number in the text when no answer marker is found.")
-    format_weight: float = Field(0.0, ge=0.0, description="Bonus for a well-formed final-answer marker.")
-    timeout_s: float = Field(2.0, gt=0.0, description="Wall-clock bound of one symbolic equivalence check.")
+    functions: list[RewardFunctionConfig] | None = Field(
+        None, description="The reward functions, [{name, weight, ...parameters}]; the reward is their weighted sum. "
+        "null: math (weight 1) and format (weight format_weight)."
+    )
+    last_number_fallback: bool = Field(False, description="math: use the last number in the text when no answer marker is found.")
+    format_weight: float = Field(0.0, ge=0.0, description="Without `functions`: the weight of `format`, the bonus for a "
+                                 "well-formed final-answer marker.")
+    timeout_s: float = Field(2.0, gt=0.0, description="Wall-clock bound of one call of a user's reward function (on a "
+                             "whole batch) and of one symbolic equivalence check.")
+    correct_threshold: float = Field(1.0, allow_inf_nan=False, description="Without `math` among the functions: a "
+                                     "completion counts as correct (accuracy, pass@k) when its total reward reaches this.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        if self.functions is not None:
+            if not self.functions:
+                raise ValueError("functions: list at least one reward function, or null for math + format")
+            if self.format_weight:
+                raise ValueError(f"format_weight ({self.format_weight}) applies only without `functions`; list "
+                                 f"{{name: format, weight: {self.format_weight}}} among them instead")
+        return self
+
+    def default_functions(self) -> list[RewardFunctionConfig]:
+        """What a recipe without `functions` is rewarded by: math, and the format bonus at `format_weight`."""
+        return [RewardFunctionConfig(name="math"), RewardFunctionConfig(name="format", weight=self.format_weight)]
 
 
 class OptimizerConfig(Section):
@@ -231,7 +332,8 @@ class TrainConfig(Section):
         3, ge=1, description="Stop with an error after this many steps in a row whose loss or gradient is not finite."
     )
     report_to: list[ReportTo] = Field(
-        default_factory=list, description="Experiment trackers fed each metrics row: tensorboard, wandb (extras)."
+        default_factory=list, description="Experiment trackers fed each metrics row: tensorboard, wandb (extras); "
+        "one name alone, or none, as in TRL."
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
@@ -246,6 +348,14 @@ class TrainConfig(Section):
         1800.0, gt=0.0, description="Under torchrun: how long a rank waits in a collective before the job fails; "
         "must exceed the longest rank-0-only work (evaluation, checkpoint writing)."
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        """`report_to: wandb`, as TRL takes it, is the list of that one tracker (and `none`, TRL's, no tracker)."""
+        if isinstance(value, str):
+            return [] if value == "none" else [value]
+        return value
 
     @field_validator("report_to")
     @classmethod
@@ -282,7 +392,8 @@ class Recipe(Section):
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read and validate a recipe file (None: all defaults) with `section.field=value` overrides applied.
+    """Read and validate a recipe file (None: all defaults) with `section.field=value` overrides applied. The file's
+    relative input paths are made absolute against its folder (`recipe_paths`); overrides are taken as they are.
 
     Raises UserError with one line naming the file and the dotted field on any problem.
     """
@@ -299,6 +410,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"{path}: expected a mapping of sections at the top level, found {type(loaded).__name__}")
         raw = loaded or {}
+        resolve_recipe_paths(raw, path.parent)  # before the overrides: --set values are relative to the shell's folder
     for item in overrides:
         _apply_override(raw, item)
     try:
@@ -345,8 +457,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 def _describe(where: str, error: ValidationError, overrides: list[str]) -> str:
     """One line for the first validation error: file, dotted field, what was expected, what was found."""
-    err = error.errors()[0]
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
+    errors = error.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a misspelt key explains the rest
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union")) and p not in _TAGS]
     field = ".".join(loc) or "<top level>"
     origin = " (from --set)" if any(o.split("=")[0].strip() == field for o in overrides) else ""
     if err["type"] == "extra_forbidden":
@@ -359,6 +472,8 @@ def _describe(where: str, error: ValidationError, overrides: list[str]) -> str:
     return f"{where}: {field}{origin}: {message}, found {found!r}{why}"
 
 
+_TAGS = ("path", "fields")  # DataSpec's branches, which are no part of a field's name
+
 # Why a bound exists, for the bounds a user may not expect.
 _WHY = {
     "rollout.num_generations": "group advantages compare the G completions of a prompt, so G >= 2",
@@ -369,14 +484,20 @@ _WHY = {
 
 def _suggest(loc: list[str]) -> str:
     """' (did you mean 'x'?)' using the valid keys at the misspelt key's level."""
-    model: type[BaseModel] = Recipe
+    model: type[BaseModel] | None = Recipe
     for part in loc[:-1]:
+        if part.isdigit():  # an item of a list of sections
+            continue
         field = model.model_fields.get(part)
-        # An optional section (`lora: LoraSettings | None`) suggests the keys of the section.
-        sections = [t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type)
-                     and issubclass(t, BaseModel)] if field is not None else []
-        if not sections:
+        model = _section_in(field.annotation) if field is not None else None
+        if model is None:
             return ""
-        model = sections[0]
     close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(model.model_fields)})"
+
+
+def _section_in(annotation: Any) -> type[BaseModel] | None:
+    """The section a field holds, through optionals, unions, lists and `Annotated` (`lora: LoraSettings | None`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_section_in, get_args(annotation))), None)

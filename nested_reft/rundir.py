@@ -30,13 +30,26 @@ from nested_reft.errors import UserError
 LATEST = "latest"
 # What a run directory may hold: `--overwrite` deletes a folder only when it holds nothing else.
 RUN_LAYOUT = frozenset({"recipe.yaml", "metrics.jsonl", "reports", "rollouts", "checkpoints", "tensorboard", "wandb"})
+# Written into a run's reports/ by the commands that measure its model before it trains (calibrate-skips' default
+# --out, which `skipping.calibration_file` then names; bench's default --report): `--overwrite` keeps them.
+PRE_RUN_REPORTS = ("calibration.json", "bench.json")
 _TEMPORARY = re.compile(r"\..+\.tmp")  # atomic_write_text's leftovers after a crash
 _STEP = re.compile(r"(?:step|eval-step)-(\d+)(?:\.jsonl|\.json)?")
 _NEARLY_FULL_BYTES = 1 << 20
 
 
+def ordinary_mode(*, folder: bool = False) -> int:
+    """The mode `open` or `mkdir` would give a new file or folder (0644 / 0755 under the usual umask 022).
+    `tempfile` creates owner-only entries (0600 / 0700): what it makes to be renamed into place gets this mode, so
+    that data, recipes and models are readable by a teammate or by a serving process under another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see either the old file or the complete new one.
+    """Write `text` to `path` so that readers see either the old file or the complete new one, with the mode of
+    an ordinary new file.
 
     A write the file system refuses (full disk, read-only, a file where a folder should be) is a UserError
     naming the path; the old file, if any, is left as it was.
@@ -48,6 +61,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     except OSError as e:
         raise UserError(f"{path}: cannot write ({_reason(e)})") from None
     try:
+        os.fchmod(fd, ordinary_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -111,6 +125,13 @@ def _is_disk_full(error: BaseException, folder: Path) -> bool:
         return False
 
 
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
+
+
 def step_of(path: Path) -> int:
     """The step in a `step-N` checkpoint folder, `rollouts/step-N.jsonl` or `eval-step-N.json` name."""
     match = _STEP.fullmatch(Path(path).name)
@@ -140,7 +161,8 @@ class RunDir:
         - a missing or empty folder (or one holding only `reports/`) becomes a fresh run;
         - a run that never produced a metric or checkpoint (it failed while starting) is reused;
         - `overwrite` replaces a run, but only a nested-reft run directory (`recipe.yaml` and nothing outside
-          the run layout): any other folder, the working directory say, is an error and is never touched;
+          the run layout): any other folder, the working directory say, is an error and is never touched. The
+          reports measured before the run (`PRE_RUN_REPORTS`, e.g. the calibration profile) stay;
         - `resume` continues the run from its latest checkpoint: whatever was logged after that checkpoint
           (metric rows, rollouts, eval reports) is dropped, since those steps run again. With no checkpoint
           yet, it starts over with all of that dropped. The recipe may differ (e.g. more steps);
@@ -190,12 +212,15 @@ class RunDir:
         return [p.name for p in self.root.iterdir() if p.name not in RUN_LAYOUT and not _TEMPORARY.fullmatch(p.name)]
 
     def _remove_layout(self) -> None:
-        """Delete the run's own entries (never anything else; the folder itself stays)."""
+        """Delete the run's own entries (never anything else; the folder itself stays), but the reports that
+        `calibrate-skips` and `bench` wrote before the run (`PRE_RUN_REPORTS`): they are its inputs, not its results."""
         for entry in self.root.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
+            if entry == self.reports_dir and entry.is_dir() and not entry.is_symlink():
+                for report in entry.iterdir():
+                    if report.name not in PRE_RUN_REPORTS:
+                        _remove(report)
             else:
-                entry.unlink()
+                _remove(entry)
 
     def has_results(self) -> bool:
         """Whether the run logged a metric or saved a checkpoint (then it is worth protecting)."""
@@ -254,6 +279,7 @@ class RunDir:
         final = self.checkpoints_dir / f"step-{step}"
         try:
             tmp = Path(tempfile.mkdtemp(dir=self.checkpoints_dir, prefix=f".step-{step}."))
+            tmp.chmod(ordinary_mode(folder=True))
         except OSError as e:
             raise self._write_failed(step, e) from None
         try:

@@ -2,7 +2,8 @@
 
 `metrics.jsonl` stays the record; trackers get a copy of each row's numeric fields (nested mappings flattened
 to `a/b`, booleans as 0/1; strings, lists and nulls left out; `step` is the x-axis). Neither tracker is a
-dependency: each is an extra (`pip install 'nested-reft[tensorboard]'`, `'nested-reft[wandb]'`), and a recipe
+dependency: each is an extra (`pip install 'nested-reft[tensorboard]'`, `'nested-reft[wandb]'`; in a clone,
+`pip install -e '.[tensorboard]'`), and a recipe
 naming a missing one fails with a one-line error before any model loads (`check_available`).
 
 - TensorBoard: event files in `<run>/tensorboard/` (`tensorboard --logdir <run>/tensorboard`). A resumed run
@@ -35,8 +36,8 @@ def check_available(report_to: list[str]) -> None:
         if module is None:
             raise UserError(f"train.report_to: unknown tracker {name!r}; expected one of {', '.join(TRACKERS)}")
         if importlib.util.find_spec(module) is None:
-            raise UserError(f"train.report_to: {name} needs the `{module}` package; "
-                            f"install it with: pip install 'nested-reft[{module}]'")
+            raise UserError(f"train.report_to: {name} needs the `{module}` package; install it with: pip install "
+                            f"'nested-reft[{module}]' (in a clone of the repository: pip install -e '.[{module}]')")
 
 
 def scalars(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -3,7 +3,7 @@
 One step, top to bottom (`_step`):
 
     prompts  -> draw a skip set S -> sample G completions per prompt from mu_S (rollout engine)
-             -> score them (reward) -> group advantages (scoring)
+             -> score them (the recipe's reward functions) -> group advantages (scoring)
              -> num_iterations passes of micro-batched PPO-clipped updates over the rows with signal, each
                 token weighted by an importance-correction weight w(lp_old, lp_b) that accounts for sampling
                 from mu_S, not pi_theta (update)
@@ -57,7 +57,7 @@ from nested_reft.recipe import Recipe
 from nested_reft.rollout import Rollout, generate
 from nested_reft.rundir import RunDir, resolve_model_path
 from nested_reft.sampling import SamplingParams
-from nested_reft.scoring import RewardFn, batch_metrics, math_reward_fn, save_rollouts, score
+from nested_reft.scoring import RewardFn, Scorer, batch_metrics, reward_scorer, save_rollouts, score
 from nested_reft.skip_control import LayerCosts
 from nested_reft.skipping import SkipSampler, decoder_layers
 from nested_reft.stopping import GracefulStop, StepAbandoned, StopCheck, TrainingStopped
@@ -110,7 +110,7 @@ class Session:
     run: RunDir
     state: TrainingState
     reference: Reference | None
-    reward_fn: RewardFn
+    scorer: Scorer  # the recipe's reward functions, or `reward_fn`
     eval_examples: list[Example]
     source: str
     tracker: Tracker
@@ -179,7 +179,8 @@ def _step(s: Session, step: int, stops: StopCheck) -> dict[str, Any]:
                 costs.write(s.run.reports_dir / LAYER_COSTS)
             state.sampler.set_costs(costs)
     t2 = time.perf_counter()
-    batch = score(rollout, examples, state.tokenizer, s.reward_fn, group_size, recipe.objective.scale_rewards, world)
+    batch = score(rollout, examples, state.tokenizer, s.scorer, group_size, recipe.objective.scale_rewards, world,
+                  step=step)
     t3 = time.perf_counter()
     stops.check()
     stats = optimise(state.model, s.reference, state.optimizer, state.scheduler, batch, recipe, s.params,
@@ -233,6 +234,7 @@ def _start(recipe: Recipe, world: World, *, resume: bool, overwrite: bool, rewar
                                         seed=recipe.run.seed), recipe.run.seed)
     eval_examples = (load_examples(data.eval, split=data.eval_split, limit=data.eval_limit, seed=recipe.run.seed)
                      if data.eval and recipe.train.eval_every else [])
+    scorer = reward_scorer(recipe, reward_fn)  # users' reward functions resolve before any model loads
     recipe, _ = resolve_runtime(recipe)  # `auto` precision/checkpointing resolved: recipe.yaml records what ran
     if world.distributed and recipe.train.parallel == "fsdp" and recipe.model.mixed_precision != "no":
         raise UserError("train.parallel: fsdp runs with model.mixed_precision: no (FSDP2's own mixed precision is "
@@ -269,7 +271,7 @@ def _start(recipe: Recipe, world: World, *, resume: bool, overwrite: bool, rewar
                if world.is_main else Tracker([]))
     return Session(
         recipe=recipe, world=world, run=run, state=state, reference=reference,
-        reward_fn=reward_fn or math_reward_fn(recipe), eval_examples=eval_examples, source=source, tracker=tracker,
+        scorer=scorer, eval_examples=eval_examples, source=source, tracker=tracker,
         health=TrainingHealth(recipe), guard=NonFiniteGuard(recipe.train.max_nonfinite_steps),
         params=SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p),
         eos=eos_token_ids(tokenizer, model.generation_config), start_step=start,

@@ -26,7 +26,7 @@ class Stop(Exception):
 
 def main() -> None:
     config = json.loads(open(sys.argv[1]).read())
-    from nested_reft import decoding, distributed, trainer
+    from nested_reft import decoding, distributed
     from nested_reft.cli import main as cli_main
     from nested_reft.cli import train as cli_train
     from nested_reft.errors import UserError
@@ -54,7 +54,7 @@ def main() -> None:
             if row["step"] == config.get("stop_after"):
                 raise Stop
 
-        return original(cfg, on_step=counted, **kwargs)
+        return original(cfg, on_step=counted, reward_fn=reward, **kwargs)
 
     sample_tokens = decoding.sample_tokens
 
@@ -65,7 +65,6 @@ def main() -> None:
             time.sleep(config["slow_token_s"])
         return sample_tokens(*args, **kwargs)
 
-    trainer.math_reward_fn = lambda _recipe: reward
     cli_train.run_training = run_training
     decoding.sample_tokens = slow_sample_tokens
     try:

@@ -33,6 +33,49 @@ def test_help_lists_every_command(capsys):
         assert command in out
 
 
+def test_version_alone_prints_the_version(capsys):
+    from nested_reft import __version__
+
+    code, out, err = run_cli(["--version"], capsys)
+    assert (code, out.strip(), err) == (0, __version__, "")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train", "--resume", "true", "r.yaml"], ["train", "--resume", "r.yaml"]),
+        (["train", "--overwrite", "False", "r.yaml"], ["train", "r.yaml"]),
+        (["train", "--resume=yes"], ["train", "--resume"]),
+        (["--debug", "no", "train", "--overwrite=false"], ["train"]),
+        (["train", "--resume", "r.yaml"], ["train", "--resume", "r.yaml"]),  # a path after a flag stays a path
+        (["train", "--set", "train.steps=3", "true"], ["train", "--set", "train.steps=3", "true"]),  # not a flag
+    ],
+)
+def test_boolean_flags_take_the_words_their_help_suggests(args, expected):
+    from nested_reft.cli.main import flag_words
+
+    assert flag_words(args) == expected
+
+
+@pytest.mark.parametrize(
+    ("command", "example"),
+    [("train", "train.steps=3"), ("evaluate", "data.eval_limit=20"), ("calibrate-skips", "skipping.keep_first=2"),
+     ("bench", "rollout.max_completion_length=64"), ("recipe", "reward.timeout_s=5")],
+)
+def test_each_commands_set_example_is_a_field_it_reads(command, example, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out, _ = run_cli([command, "--help"], capsys)
+    assert code == 0 and f"--set {example}" in out
+
+
+def test_help_texts_say_what_the_commands_do(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    _, out, _ = run_cli(["evaluate", "--help"], capsys)
+    assert "drawn at random with run.seed" in out and "first N" not in out
+    _, out, _ = run_cli(["export", "--help"], capsys)
+    assert "--merge" not in out and "always merged" in out
+
+
 def test_recipe_with_unknown_key(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  setps: 3\n")
@@ -120,9 +163,12 @@ def inputs(tmp_path):
     model = write_tiny_model(tmp_path / "model")
     data = write_examples(tmp_path / "train.jsonl", 4)
     (tmp_path / "file.txt").write_text("x")
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def short(completions, **kwargs):\n    return [1.0] * len(completions)\n")
     run = RunDir.open(tmp_path / "done", "a: 1\n")
     run.log_metrics({"step": 1})
     return SimpleNamespace(root=tmp_path, model=model, data=data, file=tmp_path / "file.txt", done=run.root,
+                           rewards=rewards,
                            sets=["--set", f"model.name_or_path={model}", "--set", f"data.train={data}",
                                  "--set", "model.device=cpu", "--set", f"run.output_dir={tmp_path / 'run'}"])
 
@@ -161,6 +207,17 @@ TRAIN_BAD = {
     "cuda-on-cpu": (lambda i: ["--set", "model.device=cuda"], "CUDA is not available"),
     "data-not-utf8": (lambda i: ["--set", "data.train=" + write_bytes(i.root / "bin.jsonl", b'{"id": "\xff"}')],
                       "bin.jsonl: not UTF-8 text"),
+    "reward-file-missing": (lambda i: ["--set", f"reward.functions=[{{name: '{i.root}/nope.py:short'}}]"],
+                            "reward.functions: cannot import", "nope.py: no such file"),
+    "reward-function-missing": (lambda i: ["--set", f"reward.functions=[{{name: '{i.rewards}:shrot'}}]"],
+                                "has no 'shrot' (it defines: short)"),
+    "reward-file-broken": (lambda i: ["--set", "reward.functions=[{name: '"
+                                      + write_bytes(i.root / "broken.py", b"def short(:\n") + ":short'}]"],
+                           "cannot import", "SyntaxError", "(broken.py line 1)"),
+    "reward-module-missing": (lambda i: ["--set", "reward.functions=[{name: 'no_such_pkg.rewards:f'}]"],
+                              "No module named 'no_such_pkg'"),
+    "overlong-cache-past-the-limit": (lambda i: ["--set", "reward.functions=[{name: soft_overlong, cache: 200}]"],
+                                      "soft_overlong: cache (200) must be at most max_length (128"),
 }
 
 
@@ -173,11 +230,11 @@ def test_train_bad_input(case, inputs, no_model, monkeypatch, capsys):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args, fragment = TRAIN_BAD[case]
+    args, *fragments = TRAIN_BAD[case]
     argv = args(inputs)
     recipe = [argv.pop(0)] if argv and not argv[0].startswith("--") else []
     code, _, err = run_cli(["train", *recipe, *inputs.sets, *argv], capsys)
-    assert_one_line_error(code, err, fragment)
+    assert_one_line_error(code, err, *fragments)
 
 
 EVALUATE_BAD = {
@@ -186,6 +243,10 @@ EVALUATE_BAD = {
     "report-is-a-folder": (lambda i: ["--report", str(i.root)], "is a folder; expected a file path"),
     "run-without-checkpoint": (lambda i: ["--model", str(i.done)], "has no checkpoint yet"),
     "missing-data": (lambda i: ["--data", str(i.root / "nope.jsonl")], "nope.jsonl"),
+    "reward-function-missing": (lambda i: ["--set", f"reward.functions=[{{name: '{i.rewards}:shrot'}}]"],
+                                "has no 'shrot'"),
+    "overlong-cache-past-max-new-tokens": (lambda i: ["--set", "reward.functions=[{name: soft_overlong, cache: 16}]",
+                                                      "--max-new-tokens", "8"], "cache (16) must be at most max_length (8"),
 }
 
 

@@ -62,6 +62,14 @@ def test_local_file_cli_reports_rejections(tmp_path, capsys):
     assert summary["rows_written"] == 6 and summary["out"] == str(out)
 
 
+def test_local_file_cli_reports_the_columns_it_keeps_and_drops(tmp_path, capsys):
+    result = _run(capsys, str(FIXTURES / "math_sample.jsonl"), "--question-field", "problem", "--answer-field",
+                  "solution", "--out", str(tmp_path / "math.jsonl"))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"columns kept\s+.*level", result.output)
+    assert all(json.loads(line)["level"].startswith("Level") for line in (tmp_path / "math.jsonl").read_text().splitlines())
+
+
 def test_limit_cli_reports_rows_left_out(tmp_path, capsys):
     result = _run(capsys, str(FIXTURES / "gsm8k_sample.jsonl"), "--limit", "4", "--out", str(tmp_path / "x.jsonl"))
     assert result.exit_code == 0, result.output

@@ -42,8 +42,9 @@ def test_a_logged_run_prints_one_line_per_step_no_warning_and_tensorboard_events
                               stdout=out, stderr=subprocess.PIPE, text=True, env=env)
     assert done.returncode == 0, done.stderr
     stdout = log.read_text()
-    assert [line.split("  ")[0] for line in stdout.splitlines() if line.startswith("step ")] == \
-        ["step 1/3", "step 2/3", "step 3/3"]
+    steps = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert [line.split("  ")[0] for line in steps] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert all(" (math 0.00 format 0.00)  acc " in line for line in steps)  # each reward function's mean
     assert f"run directory: {run_dir}" in stdout
     warnings = [line for line in (stdout + done.stderr).splitlines() if "Warning" in line and PENDING not in line]
     assert warnings == []
@@ -55,7 +56,7 @@ def test_a_logged_run_prints_one_line_per_step_no_warning_and_tensorboard_events
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [(e.step, e.value) for e in events.Scalars("reward_mean")]
     assert logged == [(r["step"], pytest.approx(r["reward_mean"])) for r in rows] and len(logged) == 3
-    assert {"loss", "ess", "kl_mu_pi", "lr"} <= set(events.Tags()["scalars"])
+    assert {"loss", "ess", "kl_mu_pi", "lr", "rewards/math/mean", "rewards/format/std"} <= set(events.Tags()["scalars"])
 
 
 def run_main(argv, capsys):
@@ -93,6 +94,25 @@ def test_an_interrupted_run_names_its_latest_checkpoint_and_exits_130(tiny, tmp_
     code, _, err = run_main(train_args(tiny, run.root, "--resume"), capsys)
     assert code == 130
     assert f"interrupted by SIGINT (Ctrl-C); the latest complete checkpoint is {run.checkpoints_dir / 'step-2'}" in err
+
+
+def test_a_failing_reward_function_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tiny, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from .test_cli import assert_one_line_error
+
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def flaky(completions, step, **kwargs):\n    if step == 3:\n"
+                       "        raise ConnectionError('judge unreachable')\n    return [0.5] * len(completions)\n")
+    run = tmp_path / "run"
+    code, _, err = run_main(train_args(tiny, run, "--set", f"reward.functions=[{{name: '{rewards}:flaky'}}]",
+                                       "--set", "train.save_every=1"), capsys)
+    assert_one_line_error(code, err, f"reward function 'flaky' ({rewards}:flaky) raised ConnectionError: judge "
+                          "unreachable (rewards.py line 3) on row 0 (example 'tiny-", "at step 3")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-2"
+    AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step-2")  # intact
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["rewards/flaky/mean"] == 0.5
 
 
 def test_resume_command():

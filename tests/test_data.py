@@ -47,6 +47,15 @@ def test_read_examples_round_trip(tmp_path):
     assert read_examples(out) == generate_arithmetic("test", 20, seed=0)
 
 
+def test_a_rows_other_fields_are_its_columns(tmp_path):
+    path = tmp_path / "data.jsonl"
+    row = Example("a", "q", "1", "s", {"difficulty": 3, "tests": ["assert f(1) == 2"], "meta": {"k": None}})
+    path.write_text(row.to_json() + "\n" + Example("b", "r", "2", "s").to_json() + "\n", encoding="utf-8")
+    assert list(json.loads(path.read_text().splitlines()[0])) == [*ROW_KEYS, "difficulty", "tests", "meta"]
+    assert read_examples(path) == [row, Example("b", "r", "2", "s")]
+    assert load_examples(str(path), split="train", limit=None, seed=0)[0].columns["tests"] == ["assert f(1) == 2"]
+
+
 @pytest.mark.parametrize(
     "bad_line, message",
     [
@@ -56,6 +65,9 @@ def test_read_examples_round_trip(tmp_path):
         ('{"id": "x", "question": " ", "answer": "1", "source": "s"}', r"jsonl:2: 'question' must be a non-empty"),
         ('{"id": "x", "question": "q", "answer": 1, "source": "s"}', r"jsonl:2: 'answer' must be a non-empty"),
         ('{"id": "a", "question": "r", "answer": "2", "source": "s"}', r"jsonl:2: duplicate id 'a' \(first on line 1"),
+        ('{"id": "x", "question": "q", "answer": "1", "source": "s", "step": 3}',
+         r"jsonl:2: a column may not be named 'step' \(reward functions receive prompts, completions, completion_ids, "
+         r"step under these names\); rename it$"),
     ],
 )
 def test_read_examples_names_the_bad_line(tmp_path, bad_line, message):

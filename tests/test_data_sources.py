@@ -69,6 +69,46 @@ def test_local_math_boxed():
     assert [e.id for e in examples] == [f"math_sample-train-{i:06d}" for i in (0, 1, 2, 4)]
 
 
+def test_a_sources_other_fields_are_kept_as_columns(tmp_path):
+    source = tmp_path / "raw.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": 7, "question": "One plus one?", "answer": "#### 2", "level": 1, "tests": ["2"], "step": "x"},
+        {"id": 8, "question": "Two plus two?", "answer": "#### 4", "level": 2, "tests": [], "step": "y"},
+    ]))
+    out = tmp_path / "prepared.jsonl"
+    summary = prepare(str(source), out)
+    assert [e.columns for e in read_examples(out)] == [{"level": 1, "tests": ["2"]}, {"level": 2, "tests": []}]
+    # `id` is the row's own key, `step` what reward functions receive the step as: neither can be a column.
+    assert summary.columns == ["level", "tests"]
+    assert summary.dropped_columns == {"id": "the name is taken", "step": "the name is taken"}
+    assert json.loads(summary_path(out).read_text())["columns"] == ["level", "tests"]
+
+
+def test_a_hub_data_sets_other_fields_are_kept_as_columns(monkeypatch):
+    import datasets
+
+    from nested_reft.data import sources
+
+    table = datasets.Dataset.from_dict({"problem": ["What is 1 + 1?"], "solution": [r"so \boxed{2}"],
+                                        "subject": ["Algebra"], "blob": [b"\x00\x01"]})
+    monkeypatch.setattr(sources, "_load_hub", lambda *args, **kwargs: table)
+    examples, summary = load_source("someone/math", question_field="problem", answer_field="solution",
+                                    answer_format="boxed")
+    assert [(e.answer, e.columns) for e in examples] == [("2", {"subject": "Algebra"})]
+    assert summary.dropped_columns == {"blob": "not JSON values"}
+
+
+def test_a_recipe_names_a_sources_fields(tmp_path):
+    from nested_reft.data import load_examples
+    from nested_reft.recipe import DataSource
+
+    source = tmp_path / "raw.csv"
+    source.write_text("prompt,target,level\nOne plus one?,2,1\n")
+    spec = DataSource(source=str(source), question_field="prompt", answer_field="target", answer_format="plain")
+    (example,) = load_examples(spec, split="train", limit=None, seed=0)
+    assert (example.question, example.answer, example.columns) == ("One plus one?", "2", {"level": 1})
+
+
 def test_question_from_several_fields_and_numeric_answers(tmp_path):
     path = tmp_path / "svamp_like.jsonl"
     rows = [

@@ -51,12 +51,13 @@ def test_evaluate_writes_report_and_examples(tmp_path):
                       report_path=report_path)
     assert json.loads(report_path.read_text()) == report
     assert {"model", "data", "settings", "metrics", "n", "seconds", "tokens_per_sec"} <= set(report)
-    assert set(report["metrics"]) == {"pass@1", "pass@k", "maj@k"}
     assert report["n"] == 4 and report["tokens_per_sec"] > 0
     rows = [json.loads(line) for line in report_path.with_suffix(".examples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(len(r["completions"]) == 3 and len(r["correct"]) == 3 for r in rows)
-    # The tiny model emits word tokens, never the integer gold answers: every metric is exactly 0.
-    assert report["metrics"] == {"pass@1": 0.0, "pass@k": 0.0, "maj@k": 0.0}
+    assert all(r["rewards"]["math"] == [0.0] * 3 and r["reward"] == [0.0] * 3 and r["columns"] == {} for r in rows)
+    # The tiny model emits word tokens, never the integer gold answers or a marker: every metric is exactly 0.
+    assert report["metrics"] == {"pass@1": 0.0, "pass@k": 0.0, "maj@k": 0.0, "rewards/math/mean": 0.0,
+                                 "rewards/format/mean": 0.0}
 
 
 def test_evaluate_compare_reports_both_models_on_the_same_problems(tmp_path, capsys):
@@ -83,7 +84,8 @@ SCRIPT = {
     "3": ["#### 3", "#### 5", "#### 5", "w1 w2"],  # 1 correct; majority 5 (2 votes): wrong
     "4": ["#### 6", "w2", "#### 6", "#### 6"],  # 0 correct; majority 6: wrong
 }
-HAND = {"pass@1": (2 / 4 + 1 / 4 + 0 / 4) / 3, "pass@k": (1 + 1 + 0) / 3, "maj@k": (1 + 0 + 0) / 3}
+HAND = {"pass@1": (2 / 4 + 1 / 4 + 0 / 4) / 3, "pass@k": (1 + 1 + 0) / 3, "maj@k": (1 + 0 + 0) / 3,
+        "rewards/math/mean": (2 + 1 + 0) / 12, "rewards/format/mean": (4 + 3 + 3) / 12}
 
 
 def scripted_generate(tokenizer, completions):
@@ -99,7 +101,8 @@ def scripted_generate(tokenizer, completions):
     return generate
 
 
-def test_pass_at_k_and_maj_at_k_on_answers_that_are_sometimes_right(tmp_path, monkeypatch):
+def evaluate_script(tmp_path, monkeypatch, *overrides):
+    """`evaluate` with 4 samples per SCRIPT problem, "sampled" from the script; the report."""
     model_dir = write_tiny_model(tmp_path / "model", extra_words=("####", *"0123456789"))
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"w{i} w3", "answer": gold, "source": "t"}) + "\n"
@@ -107,15 +110,27 @@ def test_pass_at_k_and_maj_at_k_on_answers_that_are_sometimes_right(tmp_path, mo
     _, tokenizer = evaluate_module.load_model(str(model_dir), device="cpu")
     monkeypatch.setattr(evaluate_module, "generate",
                         scripted_generate(tokenizer, [c for cs in SCRIPT.values() for c in cs]))
-    recipe = load_recipe(None, ["data.chat_template=false", "data.system_prompt=null"])
+    recipe = load_recipe(None, ["data.chat_template=false", "data.system_prompt=null", *overrides])
+    return evaluate(str(model_dir), str(data), split="test", limit=None, samples=4, temperature=1.0,
+                    max_new_tokens=4, data_cfg=recipe.data, reward_cfg=recipe.reward, dtype="float32",
+                    device="cpu", seed=0, report_path=tmp_path / "eval.json")
+
+
+def test_pass_at_k_and_maj_at_k_on_answers_that_are_sometimes_right(tmp_path, monkeypatch):
+    report = evaluate_script(tmp_path, monkeypatch)
     report_path = tmp_path / "eval.json"
-    report = evaluate(str(model_dir), str(data), split="test", limit=None, samples=4, temperature=1.0,
-                      max_new_tokens=4, data_cfg=recipe.data, reward_cfg=recipe.reward, dtype="float32",
-                      device="cpu", seed=0, report_path=report_path)
     assert report["metrics"] == pytest.approx(HAND)
     rows = [json.loads(line) for line in report_path.with_suffix(".examples.jsonl").read_text().splitlines()]
     assert [sum(r["correct"]) for r in rows] == [2, 1, 0]
     assert rows[1]["predicted"] == ["3", "5", "5", None]
+
+
+def test_without_math_pass_at_k_counts_totals_that_reach_the_threshold(tmp_path, monkeypatch):
+    """Rewarded by `format` alone, a completion is correct when it has a marker (total 1 >= correct_threshold 1):
+    4, 3 and 3 of 4. maj@k votes among final answers, which only `math` defines: not reported."""
+    report = evaluate_script(tmp_path, monkeypatch, "reward.functions=[{name: format}]", "reward.correct_threshold=1")
+    assert report["metrics"] == pytest.approx({"pass@1": (4 / 4 + 3 / 4 + 3 / 4) / 3, "pass@k": 1.0,
+                                               "rewards/format/mean": 10 / 12})
 
 
 def test_pass_at_k_below_k_is_the_unbiased_estimate():

@@ -2,12 +2,12 @@
 
 import json
 
-from nested_reft.plotting import read_runs, wall_seconds
+from nested_reft.plotting import PANELS, panels, read_runs, wall_seconds
 
 from .test_cli import run_cli
 
 
-def write_run(folder, steps=4, eval_every=0, skip=0.0):
+def write_run(folder, steps=4, eval_every=0, skip=0.0, functions=()):
     folder.mkdir(parents=True)
     rows = []
     for s in range(1, steps + 1):
@@ -16,6 +16,8 @@ def write_run(folder, steps=4, eval_every=0, skip=0.0):
                "time_elapsed": 5.1 * s, "skipped_layers": [1, 2]}
         if eval_every and s % eval_every == 0:
             row["eval_pass@1"] = 0.02 * s
+        for name in functions:  # a function that applies to no completion logs null
+            row[f"rewards/{name}/mean"], row[f"rewards/{name}/std"] = (None, None) if name == "never" else (0.1, 0.0)
         rows.append(row)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
@@ -28,6 +30,18 @@ def test_plot_writes_a_png_for_runs_with_and_without_eval(tmp_path, capsys):
     code, stdout, err = run_cli(["plot", str(baseline), str(nested), "--out", str(out)], capsys)
     assert code in (0, None), err
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_each_reward_function_gets_a_row_of_its_own(tmp_path, capsys):
+    custom = write_run(tmp_path / "custom", functions=("math", "short", "never"))
+    plain = write_run(tmp_path / "plain", functions=("math", "format"))
+    assert panels(read_runs([custom, plain])) == PANELS + [
+        ("rewards/math/mean", "reward: math (mean)"), ("rewards/short/mean", "reward: short (mean)"),
+        ("rewards/never/mean", "reward: never (mean)"), ("rewards/format/mean", "reward: format (mean)")]
+    out = tmp_path / "runs.png"
+    code, _, err = run_cli(["plot", str(custom), str(plain), "--out", str(out)], capsys)
+    assert code in (0, None), err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_labels_are_unique_and_wall_clock_falls_back_to_the_phases(tmp_path):

@@ -103,12 +103,33 @@ def test_bad_overrides_are_one_line_errors():
         ("train.report_to=[mlflow]", "expected 'tensorboard' or 'wandb'"),
         ("train.report_to=[wandb, wandb]", "names a tracker twice"),
         ("run.output_dir=''", r"run\.output_dir.*at least 1 character"),
+        ("train.report_to=mlflow", "expected 'tensorboard' or 'wandb'"),
+        ("data.train=''", r"data\.train \(from --set\): .*at least 1 character"),
+        ("data.train={sourc: x.csv}", r"data\.train\.sourc: unknown key \(did you mean 'source'\?\)"),
+        ("data.eval={source: o/n, answer_format: latex}", r"data\.eval\.answer_format: expected 'gsm8k', 'boxed'"),
+        ("reward.functions=[{name: maths}]", r"reward\.functions\.0: unknown reward function 'maths': did you mean "
+         r"'math'\? expected a built-in \(math, format, soft_overlong, length, repetition\), path/to/file\.py:function"),
+        ("reward.functions=[{name: soft_overlong, cach: 8}]", r"soft_overlong: unknown parameter 'cach', did you mean "
+         r"'cache'\? \(parameters of soft_overlong: cache, max_length\)"),
+        ("reward.functions=[{name: soft_overlong}]", r"soft_overlong: cache is required"),
+        ("reward.functions=[{name: repetition, ngram_size: 0}]", r"repetition: ngram_size: expected greater than or "
+         r"equal to 1, found 0"),
+        ("reward.functions=[{name: math, weight: .inf}]", r"reward\.functions\.0\.weight: expected a finite number"),
+        ("reward.functions=[]", r"list at least one reward function"),
+        ("reward.functions=[{name: math}] & reward.format_weight=0.1", r"format_weight \(0\.1\) applies only without "
+         r"`functions`; list \{name: format, weight: 0\.1\} among them instead"),
     ],
 )
 def test_cross_field_checks(override, message):
     with pytest.raises(UserError, match=message) as e:
         load_recipe(None, override.split(" & "))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("wandb", ["wandb"]), ("none", []), ("[tensorboard, wandb]",
+                                                  ["tensorboard", "wandb"])])
+def test_report_to_takes_one_tracker_alone_as_trl_does(value, expected):
+    assert load_recipe(None, [f"train.report_to={value}"]).train.report_to == expected
 
 
 def test_periodic_evaluation_needs_an_eval_set():

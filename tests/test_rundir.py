@@ -7,7 +7,14 @@ import os
 import pytest
 
 from nested_reft.errors import UserError
-from nested_reft.rundir import RunDir, atomic_write_json, atomic_write_text, ensure_writable, resolve_model_path
+from nested_reft.rundir import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable,
+    ordinary_mode,
+    resolve_model_path,
+)
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
@@ -130,6 +137,39 @@ def test_overwrite_replaces_only_the_run_layout(tmp_path):
     RunDir.open(run.root, "a: 2\n", overwrite=True)
     assert sorted(p.name for p in run.root.iterdir()) == ["checkpoints", "recipe.yaml", "reports"]
     assert run.recipe_path.read_text() == "a: 2\n" and not run.checkpoints()
+
+
+def test_overwrite_keeps_the_reports_measured_before_the_run(tmp_path):
+    """calibrate-skips writes reports/calibration.json by default and tells the user to pass it as
+    skipping.calibration_file; the quickstart always overwrites: the profile must outlive that."""
+    reports = tmp_path / "run" / "reports"
+    atomic_write_json(reports / "calibration.json", {"num_layers": 4})
+    atomic_write_json(reports / "bench.json", {"results": []})
+    run = RunDir.open(tmp_path / "run", "a: 1\n")
+    run.log_metrics({"step": 1})
+    run.write_report("eval-step-1", {})
+    run.write_report("layer_costs", {})
+    RunDir.open(run.root, "a: 1\n", overwrite=True)
+    assert sorted(p.name for p in reports.iterdir()) == ["bench.json", "calibration.json"]
+    assert not run.metrics_path.exists()
+
+
+def test_outputs_have_the_modes_of_ordinary_files_and_folders(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "data.jsonl", "{}\n")
+        run = RunDir.open(tmp_path / "run", "a: 1\n")
+        checkpoint = run.save_checkpoint(1, write_weights(1))
+        assert ordinary_mode() == 0o644 and ordinary_mode(folder=True) == 0o755
+        assert (tmp_path / "data.jsonl").stat().st_mode & 0o777 == 0o644
+        assert run.recipe_path.stat().st_mode & 0o777 == 0o644
+        assert checkpoint.stat().st_mode & 0o777 == 0o755
+        assert (checkpoint / "weights.txt").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)  # a user who wants private outputs gets them
+        atomic_write_text(tmp_path / "private.txt", "x")
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(previous)
 
 
 def test_same_recipe_rerun_with_results_needs_resume_or_overwrite(tmp_path):

@@ -11,7 +11,7 @@ from rich.progress import Progress
 from nested_reft.bench import bench as run_bench
 from nested_reft.plotting import plot_bench as draw_plot
 from nested_reft.cli.console import make_console, print_table
-from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides, show_precision
+from nested_reft.cli.options import RecipeArgument, parse_ratios, recipe_and_overrides, set_option, show_precision
 from nested_reft.errors import UserError
 from nested_reft.preflight import check_skipping
 from nested_reft.rundir import atomic_write_json, ensure_writable
@@ -19,7 +19,7 @@ from nested_reft.rundir import atomic_write_json, ensure_writable
 
 def bench(
     recipe: Optional[Path] = RecipeArgument,
-    overrides: Optional[list[str]] = SetOption,
+    overrides: Optional[list[str]] = set_option("rollout.max_completion_length=64"),
     compare: str = typer.Option("baseline", help="What to compare against; only 'baseline' (the full model)."),
     skip_ratios: str = typer.Option("0.1,0.25,0.4", help="Comma-separated skip ratios."),
     repeats: int = typer.Option(3, min=1, help="Interleaved repeats per mode; medians are reported."),

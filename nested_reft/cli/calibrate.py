@@ -10,14 +10,14 @@ from rich.progress import Progress
 
 from nested_reft.calibrate import calibrate
 from nested_reft.cli.console import make_console, print_table
-from nested_reft.cli.options import RecipeArgument, SetOption, parse_ratios, recipe_and_overrides, show_precision
+from nested_reft.cli.options import RecipeArgument, parse_ratios, recipe_and_overrides, set_option, show_precision
 from nested_reft.preflight import check_skipping
 from nested_reft.rundir import atomic_write_json, ensure_writable
 
 
 def calibrate_skips(
     recipe: Optional[Path] = RecipeArgument,
-    overrides: Optional[list[str]] = SetOption,
+    overrides: Optional[list[str]] = set_option("skipping.keep_first=2"),
     out: Optional[Path] = typer.Option(None, help="Report path. Default: <run.output_dir>/reports/calibration.json."),
     ratios: str = typer.Option("0.1,0.25,0.4", help="Comma-separated skip ratios to measure."),
     prompts: int = typer.Option(8, min=1, help="Training prompts to sample and measure on."),

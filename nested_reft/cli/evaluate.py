@@ -10,19 +10,21 @@ from rich import box
 from rich.progress import Progress
 
 from nested_reft.cli.console import make_console, print_table
-from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
+from nested_reft.cli.options import RecipeArgument, recipe_and_overrides, set_option, show_precision
 from nested_reft.evaluate import check_sampling
 from nested_reft.evaluate import evaluate as run_evaluation
+from nested_reft.preflight import check_rewards
 from nested_reft.rundir import ensure_writable, resolve_model_path
 
 
 def evaluate(
     recipe: Optional[Path] = RecipeArgument,
-    overrides: Optional[list[str]] = SetOption,
+    overrides: Optional[list[str]] = set_option("data.eval_limit=20"),
     model: Optional[str] = typer.Option(None, help="Model folder, alias, .gguf or run directory (its latest checkpoint). Default: the recipe's model."),
     data: Optional[str] = typer.Option(None, help="Data file, preset or 'arithmetic'. Default: the recipe's data.eval."),
     split: Optional[str] = typer.Option(None, help="Split of a preset or built-in source. Default: data.eval_split."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Evaluate the first N examples. Default: data.eval_limit."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Evaluate N examples drawn at random with run.seed (the same "
+                                        "N for the same seed and file, in file order). Default: data.eval_limit."),
     samples: int = typer.Option(1, min=1, help="Completions per example (K); K > 1 adds pass@k and maj@k."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help="Default: rollout.max_completion_length."),
@@ -43,6 +45,7 @@ def evaluate(
         ensure_writable(path, "--report")
         ensure_writable(path.with_suffix(".examples.jsonl"), "--report")
     check_sampling(samples, temperature)
+    check_rewards(cfg, max_new_tokens or cfg.rollout.max_completion_length)
     results = []
     console = make_console()
     show_precision(console, cfg)
@@ -59,9 +62,9 @@ def evaluate(
                 kv_cache=cfg.rollout.kv_cache, cuda_graphs=cfg.rollout.cuda_graphs, batch_size=batch_size,
             ))
     result = results[0]
-    rows = [[spec, *(f"{v:.3f}" for v in r["metrics"].values()), f"{r['tokens_per_sec']:.1f}", f"{r['seconds']:.1f}"]
-            for (spec, _), r in zip(jobs, results)]
-    print_table(console, f"evaluate on {result['data']} (n={result['n']})",
+    rows = [[spec, *("-" if v is None else f"{v:.3f}" for v in r["metrics"].values()), f"{r['tokens_per_sec']:.1f}",
+             f"{r['seconds']:.1f}"] for (spec, _), r in zip(jobs, results)]
+    print_table(console, f"evaluate on {data_spec} (n={result['n']})",
                 ["model", *result["metrics"], "tokens/sec", "seconds"], rows, left=("model",),
                 table_box=box.HEAVY_HEAD)
     console.print(f"report: {report}  examples: {report.with_suffix('.examples.jsonl')}"

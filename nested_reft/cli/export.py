@@ -19,10 +19,10 @@ def export(
 ) -> None:
     """Write MODEL as a folder that AutoModelForCausalLM.from_pretrained loads without nested-reft or peft.
 
-    A LoRA checkpoint (an adapter folder) is merged into its base model: this is the `--merge` path.
+    A LoRA checkpoint (an adapter folder) is always merged into its base model.
     """
     from nested_reft.models import load_model
-    from nested_reft.rundir import resolve_model_path
+    from nested_reft.rundir import ordinary_mode, resolve_model_path
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out: '{out}' already exists and is not an empty folder")
@@ -30,6 +30,7 @@ def export(
     merged, tokenizer = load_model(source, dtype=dtype, device="cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # complete or absent, never half
+    staging.chmod(ordinary_mode(folder=True))
     try:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

@@ -1,7 +1,8 @@
 """Entry point of the `nested-reft` command.
 
 Each command lives in its own module as a plain function and is registered here. Errors caused by the user
-(`UserError`) become one red line and exit code 2; `--debug` shows the full traceback instead.
+(`UserError`) become one red line and exit code 2; `--debug` shows the full traceback instead. A boolean flag
+may be given a word, as its help's `<bool>` suggests: `--resume true` is `--resume`, `--overwrite=false` nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nested_reft.cli.evaluate import evaluate
 from nested_reft.cli.export import export
 from nested_reft.cli.plot import plot
 from nested_reft.cli.prepare_data import prepare_data
+from nested_reft.cli.recipe import recipe
 from nested_reft.cli.train import train
 from nested_reft.errors import UserError
 from nested_reft.stopping import TrainingStopped
@@ -38,25 +40,31 @@ app.command("evaluate")(evaluate)
 app.command("bench")(bench)
 app.command("plot")(plot)
 app.command("export")(export)
+app.command("recipe")(recipe)
 
 _state = {"debug": False}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
 
 
 @app.callback()
 def _global(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    # Eager: it runs while the arguments are parsed, before a missing command is an error.
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
 ) -> None:
     _state["debug"] = debug
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI. A UserError is one line on stderr and its exit code, 2 (3 for a diverged run), unless
     --debug; a run stopped on request says how to resume and exits 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = flag_words(list(sys.argv[1:] if argv is None else argv))
     stderr = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         app(args=args, prog_name="nested-reft")
@@ -69,6 +77,30 @@ def main(argv: list[str] | None = None) -> None:
         stderr.print(f"[bold yellow]stopped:[/] {escape(str(e))}")
         stderr.print(f"resume with: {escape(resume_command(args))}")
         sys.exit(e.exit_code)
+
+
+_WORDS = {"true": True, "yes": True, "false": False, "no": False}
+
+
+def flag_words(args: list[str]) -> list[str]:
+    """`args` with each boolean flag given a word (`--resume true`, `--overwrite=false`) turned into the flag alone
+    or nothing. Only true/yes/false/no count as words, so a flag followed by a path keeps its path."""
+    command = typer.main.get_command(app)
+    flags = {name for c in [command, *command.commands.values()] for p in c.params
+             if getattr(p, "is_flag", False) and getattr(p, "is_bool_flag", False) for name in p.opts}
+    out: list[str] = []
+    words = iter(range(len(args)))
+    for i in words:
+        name, eq, value = args[i].partition("=")
+        word = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if name not in flags or word.lower() not in _WORDS:
+            out.append(args[i])
+            continue
+        if not eq:
+            next(words)  # the word is consumed with its flag
+        if _WORDS[word.lower()]:
+            out.append(name)
+    return out
 
 
 def resume_command(args: list[str]) -> str:

@@ -8,9 +8,12 @@ from typing import Optional
 import typer
 
 RecipeArgument = typer.Argument(None, help="Recipe YAML file (omitted: all defaults).", show_default=False)
-SetOption = typer.Option(
-    None, "--set", help="Override a recipe field, typed like the field: --set train.steps=3 (repeatable)."
-)
+
+
+def set_option(example: str):
+    """The repeatable `--set section.field=value` option, its help showing `example`, a field the command reads."""
+    return typer.Option(None, "--set", help=f"Override a recipe field, typed like the field: --set {example} "
+                        "(repeatable; a path is relative to the current folder).")
 
 
 def recipe_and_overrides(recipe: Optional[Path], overrides: Optional[list[str]]):

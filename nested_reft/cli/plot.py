@@ -14,7 +14,7 @@ def plot(
     runs: list[Path] = typer.Argument(..., help="Run directories (each with a metrics.jsonl).", show_default=False),
     out: Path = typer.Option(..., "--out", help="PNG to write."),
 ) -> None:
-    """Reward, accuracy (and eval pass@1), skip ratio, KL(mu||pi), ESS and the time split of runs, against
-    step and against wall-clock seconds."""
+    """Reward, accuracy (and eval pass@1), skip ratio, KL(mu||pi), ESS, each reward function's mean and the time
+    split of runs, against step and against wall-clock seconds."""
     plot_runs(runs, out)
     Console().print(f"plot: {out}")

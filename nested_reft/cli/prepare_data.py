@@ -34,9 +34,10 @@ def prepare_data(
     ),
     difficulty: int = typer.Option(2, help="Arithmetic only: 1 (one or two small steps) to 4 (three or four steps)."),
 ) -> None:
-    """Turn a data set into the project's JSONL ({id, question, answer, source} per line).
+    """Turn a data set into the project's JSONL ({id, question, answer, source, ...columns} per line).
 
-    Rows with an unparsable gold answer, an empty question or a repeated question are rejected and counted.
+    Rows with an unparsable gold answer, an empty question or a repeated question are rejected and counted. The
+    source's other fields are kept as columns, which reward functions receive as keyword arguments.
 
     Example: nested-reft prepare-data gsm8k --split test --out data/gsm8k-test.jsonl
     """
@@ -66,4 +67,8 @@ def _summary_table(summary: PrepareSummary) -> Table:
     if summary.rows_over_limit:
         table.add_row("left out by --limit", str(summary.rows_over_limit))
     table.add_row("rows written", str(summary.rows_written))
+    if summary.columns:
+        table.add_row("columns kept", ", ".join(summary.columns))
+    for name, why in summary.dropped_columns.items():
+        table.add_row(f"column dropped: {name}", why)
     return table

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nested_reft.cli.console import make_console
-from nested_reft.cli.options import RecipeArgument, SetOption, recipe_and_overrides, show_precision
+from nested_reft.cli.options import RecipeArgument, recipe_and_overrides, set_option, show_precision
 from nested_reft.distributed import env_rank
 from nested_reft.errors import UserError
 from nested_reft.preflight import check_training
@@ -25,9 +25,9 @@ from nested_reft.trainer import train as run_training
 
 def train(
     recipe: Optional[Path] = RecipeArgument,
-    overrides: Optional[list[str]] = SetOption,
+    overrides: Optional[list[str]] = set_option("train.steps=3"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in run.output_dir from its latest checkpoint (from the start when it has none)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in run.output_dir (only ever a nested-reft run directory)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in run.output_dir (only ever a nested-reft run directory; its reports/calibration.json and bench.json, measured before it, stay)."),
 ) -> None:
     """Train with GRPO on rollouts from the layer-skipped behavior model (baseline ReFT when nothing is skipped)."""
     cfg = recipe_and_overrides(recipe, overrides)
@@ -78,8 +78,8 @@ def _train_with_progress(cfg: Recipe, console: Console, **options: Any) -> RunDi
 
 
 def _summary(row: dict[str, Any]) -> str:
-    line = (f"reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  skip {len(row['skipped_layers'])} "
-            f"layers  kl {row['kl_mu_pi']:.2f}")
+    line = f"reward {row['reward_mean']:.3f}{_per_function(row)}  acc {row['accuracy']:.3f}  " \
+           f"skip {len(row['skipped_layers'])} layers  kl {row['kl_mu_pi']:.2f}"
     if "target_kl" in row:  # the adaptive controller: target, measurement, decision
         line += f" (target {row['target_kl']:.2f}: {row['skip_decision']} to {row['next_num_skipped']})"
     line += f"  ess {row['ess']:.2f}  {row['rollout_tokens_per_sec']:.0f} tok/s"
@@ -87,6 +87,13 @@ def _summary(row: dict[str, Any]) -> str:
     if "eval_pass@1" in row:
         line += f"  eval pass@1 {row['eval_pass@1']:.3f}"
     return line
+
+
+def _per_function(row: dict[str, Any]) -> str:
+    """' (math 0.50 format 0.25)': each reward function's mean, '-' where it applied to no completion."""
+    means = [(key.split("/")[1], value) for key, value in row.items()
+             if key.startswith("rewards/") and key.endswith("/mean")]
+    return " (" + " ".join(f"{name} {'-' if v is None else f'{v:.2f}'}" for name, v in means) + ")" if means else ""
 
 
 def _print_warning(console: Console, row: dict[str, Any]) -> None:

@@ -1,6 +1,8 @@
-"""The project's JSONL rows: one problem per line, `{"id", "question", "answer", "source"}`.
+"""The project's JSONL rows: one problem per line, `{"id", "question", "answer", "source", ...columns}`.
 
-`Example` is one row; `read_examples` reads a prepared file and names `FILE:LINE` of any bad row;
+The four keys are every row's; any other key is a column of the row's own (a difficulty, test cases, a reference
+solution), kept from the source by `prepare` and handed to reward functions as a keyword argument. `Example` is one
+row; `read_examples` reads a prepared file and names `FILE:LINE` of any bad row;
 `PrepareSummary` says what preparing a source kept and rejected. Every other data module builds on these.
 """
 
@@ -8,27 +10,37 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nested_reft.errors import UserError
 
 ROW_KEYS = ("id", "question", "answer", "source")
+# Reward functions receive every column as a keyword argument beside these (TRL's names, and the step).
+RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "step")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One problem, as a row of the project's JSONL. `answer` is the normalised gold answer."""
+    """One problem, as a row of the project's JSONL. `answer` is the normalised gold answer; `columns` are the
+    row's other fields (JSON values)."""
 
     id: str
     question: str
     answer: str
     source: str
+    columns: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def to_json(self) -> str:
-        """The JSONL line (without newline): keys in the order of `ROW_KEYS`, non-ASCII kept as is."""
-        return json.dumps(asdict(self), ensure_ascii=False)
+        """The JSONL line (without newline): the keys of `ROW_KEYS` in order, then the columns; non-ASCII kept."""
+        row = {"id": self.id, "question": self.question, "answer": self.answer, "source": self.source}
+        return json.dumps({**row, **self.columns}, ensure_ascii=False)
+
+
+def is_reserved(name: str) -> bool:
+    """Whether a field cannot be a column: a row key, or a name reward functions receive something else under."""
+    return name in ROW_KEYS or name in RESERVED_COLUMNS
 
 
 @dataclass
@@ -44,6 +56,8 @@ class PrepareSummary:
     limit: int | None
     seed: int
     out: Path | None = None
+    columns: list[str] = field(default_factory=list)  # the source's other fields, kept in every row
+    dropped_columns: dict[str, str] = field(default_factory=dict)  # field -> why it could not be kept
 
     @property
     def rows_over_limit(self) -> int:
@@ -80,20 +94,25 @@ def _parse_row(line: str, *, where: str) -> Example:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict) or sorted(row) != sorted(ROW_KEYS):
+    if not isinstance(row, dict) or not set(ROW_KEYS) <= set(row):
         found = ", ".join(row) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
         raise UserError(
-            f"{where}: expected an object with keys {', '.join(ROW_KEYS)}, found {found} "
+            f"{where}: expected an object with keys {', '.join(ROW_KEYS)} (and any columns), found {found} "
             "(convert raw data with `nested-reft prepare-data`)"
         )
     for key in ROW_KEYS:
         if not isinstance(row[key], str) or not row[key].strip():
             raise UserError(f"{where}: {key!r} must be a non-empty string, found {row[key]!r}")
-    return Example(**{key: row[key] for key in ROW_KEYS})
+    columns = {key: value for key, value in row.items() if key not in ROW_KEYS}
+    reserved = next((key for key in columns if is_reserved(key)), None)
+    if reserved is not None:
+        raise UserError(f"{where}: a column may not be named {reserved!r} (reward functions receive "
+                        f"{', '.join(RESERVED_COLUMNS)} under these names); rename it")
+    return Example(row["id"], row["question"], row["answer"], row["source"], columns)
 
 
 def is_project_jsonl(path: Path) -> bool:
-    """Whether the first row of `path` has exactly the project's keys (else it is raw data for `load_source`)."""
+    """Whether the first row of `path` has the project's keys (else it is raw data for `load_source`)."""
     if not path.is_file():
         return False
     first = next((line for line in _text_lines(path) if line.strip()), "")
@@ -101,7 +120,7 @@ def is_project_jsonl(path: Path) -> bool:
         row = json.loads(first)
     except json.JSONDecodeError:
         return False
-    return isinstance(row, dict) and sorted(row) == sorted(ROW_KEYS)
+    return isinstance(row, dict) and set(ROW_KEYS) <= set(row)
 
 
 def subset(items: list[Example], limit: int | None, seed: int) -> list[Example]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from nested_reft.data.arithmetic import ARITHMETIC, DEFAULT_DIFFICULTY, arithmetic_source
-from nested_reft.data.rows import Example, PrepareSummary, is_project_jsonl, read_examples, subset
+from nested_reft.data.rows import Example, PrepareSummary, is_project_jsonl, is_reserved, read_examples, subset
 from nested_reft.errors import UserError
 from nested_reft.rewards import parse_gold_answer
 from nested_reft.rundir import atomic_write_json, atomic_write_text, ensure_writable
@@ -119,15 +120,20 @@ def summary_path(out: Path) -> Path:
     return Path(out).with_suffix(".summary.json")
 
 
-def load_examples(spec: str, *, split: str, limit: int | None, seed: int) -> list[Example]:
-    """The examples train and evaluate use: `spec` is a JSONL file in the project's format (read as is; `split`
-    is then ignored), or any SOURCE that `load_source` accepts, prepared in memory (`data.train: arithmetic`)."""
+def load_examples(spec: Any, *, split: str, limit: int | None, seed: int) -> list[Example]:
+    """The examples train and evaluate use. `spec` is a JSONL file in the project's format (read as is; `split` is
+    then ignored), any SOURCE that `load_source` accepts, prepared in memory (`data.train: arithmetic`), or a
+    recipe's `{source, question_field, answer_field, answer_format}` (`recipe.DataSource`) naming a SOURCE's fields."""
+    fields = {}
+    if not isinstance(spec, str):
+        fields = {"question_field": spec.question_field, "answer_field": spec.answer_field,
+                  "answer_format": spec.answer_format}
+        spec = spec.source
     path = Path(spec)
     if path.suffix == ".jsonl" and is_project_jsonl(path):
         return subset(read_examples(path), limit, seed)
-    examples, _ = load_source(spec, split=split, limit=limit, seed=seed)
+    examples, _ = load_source(spec, split=split, limit=limit, seed=seed, **fields)
     return examples
-
 
 
 # --- Hub and local tables ----------------------------------------------------------------------------------
@@ -163,7 +169,8 @@ def _open_table(
         flags = {"--question-field": question_field, "--answer-field": answer_field, "--answer-format": answer_format}
         missing = [flag for flag, value in flags.items() if value is None]
         if missing:
-            raise UserError(f"{source}: a hub data set needs {', '.join(missing)} (its question and answer columns)")
+            raise UserError(f"{source}: a hub data set needs {', '.join(missing)} (its question and answer columns; in "
+                            "a recipe, data.train: {source, question_field, answer_field, answer_format})")
         dataset_id, _, config = source.partition(":")
         mapping = _Mapping(dataset_id, question_fields, answer_field, answer_format)
         return mapping, _load_hub(dataset_id, config or None, split, label=source)
@@ -273,15 +280,17 @@ def _convert(
     dataset: Dataset, mapping: _Mapping, *, source: str, split: str, limit: int | None, seed: int
 ) -> tuple[list[Example], PrepareSummary]:
     """Turn table rows into examples, rejecting rows with an empty question, an unparsable answer or a
-    question seen before (whitespace-insensitive). Ids carry the row's index in the source."""
+    question seen before (whitespace-insensitive). Ids carry the row's index in the source; the source's other
+    fields become the rows' columns (see `_extra_columns`)."""
     fields = [*mapping.question_fields, mapping.answer_field]
     missing = [f for f in fields if f not in dataset.column_names]
     if missing:
         raise UserError(
             f"{source}: no field {missing[0]!r}; available: {', '.join(dataset.column_names)} "
-            "(choose with --question-field/--answer-field)"
+            "(choose with --question-field/--answer-field, or question_field/answer_field in a recipe's data source)"
         )
-    rows = dataset.select_columns(list(dict.fromkeys(fields))).to_list()
+    columns, dropped = _extra_columns(dataset, fields)
+    rows = dataset.select_columns(list(dict.fromkeys(fields)) + columns).to_list()
     answers = [_cell_text(row[mapping.answer_field]) for row in rows]
     answer_format = mapping.answer_format or _detect_format(answers)
     examples: list[Example] = []
@@ -299,7 +308,8 @@ def _convert(
             rejected["duplicate_question"] += 1
         else:
             seen.add(key)
-            examples.append(Example(f"{mapping.name}-{split}-{index:06d}", question, gold, mapping.name))
+            examples.append(Example(f"{mapping.name}-{split}-{index:06d}", question, gold, mapping.name,
+                                    {name: row[name] for name in columns}))
     if not examples:
         raise UserError(f"{source}: no usable rows (rejected: {dict(rejected)})")
     kept = subset(examples, limit, seed)
@@ -312,8 +322,42 @@ def _convert(
         answer_format=answer_format,
         limit=limit,
         seed=seed,
+        columns=columns,
+        dropped_columns=dropped,
     )
     return kept, summary
+
+
+_MEDIA_FEATURES = {"Image", "Audio", "Video", "Pdf"}
+
+
+def _extra_columns(dataset: Dataset, used: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The fields besides the question and answer ones that rows keep as columns, and those they cannot keep
+    (with why): fields named like a row key or a reward function's standard argument, media, and fields whose
+    values are not JSON (the rows are JSON lines)."""
+    kept: list[str] = []
+    dropped: dict[str, str] = {}
+    for name in dataset.column_names:
+        if name in used:
+            continue
+        feature = type(dataset.features[name]).__name__
+        if is_reserved(name):
+            dropped[name] = "the name is taken"
+        elif feature in _MEDIA_FEATURES:
+            dropped[name] = f"{feature.lower()} data"
+        elif not _is_json(dataset[name][:]):  # datasets 4 returns a Column: sliced, a list
+            dropped[name] = "not JSON values"
+        else:
+            kept.append(name)
+    return kept, dropped
+
+
+def _is_json(values: list[Any]) -> bool:
+    try:
+        json.dumps(values)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _detect_format(answers: list[str]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,11 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nested_reft import rewards
 from nested_reft.errors import UserError
-from nested_reft.rewards import (
+from nested_reft.rewards import workers
+from nested_reft.rewards.answers import (
     RewardResult,
-    _VerifierPool,
     answers_match,
     extract_answer,
     math_reward,
@@ -135,7 +133,7 @@ def test_numbers_never_reach_the_symbolic_verifier(monkeypatch):
     def refuse(*args):
         raise AssertionError("the symbolic verifier was called")
 
-    monkeypatch.setattr(rewards._pool, "check", refuse)
+    monkeypatch.setattr(workers.pool(), "check", refuse)
     for completion, gold, reason in [
         ("#### 1,000", "1000", "correct"),
         ("#### 7", "8", "wrong"),
@@ -206,59 +204,6 @@ def test_symbolic_check_times_out_in_a_thread():
     assert timeout_s <= elapsed < timeout_s + SLACK_S
     # The stuck worker was replaced: the next symbolic check still gets a verdict.
     assert math_reward(r"\boxed{\frac{\sqrt{8}}{2}}", r"\sqrt{2}").reason == "correct"
-
-
-def test_busy_pool_reports_busy():
-    pool = _VerifierPool(size=1)
-    try:
-        occupied = threading.Thread(target=pool.check, args=(SLOW_ANSWER, SLOW_GOLD, 1.5))
-        occupied.start()
-        time.sleep(0.2)  # let it take the only slot
-        assert pool.check("x + 1", "1 + x", timeout_s=0.3) == "verifier_busy"
-        occupied.join()
-        assert pool.check("x + 1", "1 + x", timeout_s=5.0) == "correct"
-    finally:
-        pool.close_idle()
-
-
-@pytest.mark.parametrize(
-    "worker_code",
-    ["raise SystemExit(3)", "print('\"ready\"')"],  # dies at start-up; dies before answering
-    ids=["dead-at-start", "dead-mid-request"],
-)
-def test_a_failing_worker_is_reported(monkeypatch, caplog, worker_code):
-    monkeypatch.setattr(rewards, "_WORKER_COMMAND", [sys.executable, "-c", worker_code])
-    pool = _VerifierPool(size=1)
-    assert pool.check("x + 1", "1 + x", timeout_s=5.0) == "verify_error"
-    assert "worker process failed" in caplog.text
-    monkeypatch.undo()
-    assert pool.check("x + 1", "1 + x", timeout_s=5.0) == "correct"  # the dead worker was replaced
-    pool.close_idle()
-
-
-def test_worker_start_up_does_not_count_against_the_timeout(monkeypatch):
-    """On a loaded machine a worker's start-up (importing sympy) can take longer than `timeout_s`; only the
-    comparison itself is timed, so the check still gets its verdict. Start-up has its own bound."""
-    startup_s, timeout_s = 2.0, 1.0
-    slow_start = f"import time; time.sleep({startup_s}); from nested_reft.rewards import _serve; _serve()"
-    monkeypatch.setattr(rewards, "_WORKER_COMMAND", [sys.executable, "-c", slow_start])
-    pool = _VerifierPool(size=1)
-    try:
-        started = time.monotonic()
-        assert pool.check("x + 1", "1 + x", timeout_s=timeout_s) == "correct"
-        assert time.monotonic() - started >= startup_s
-        assert pool.check(SLOW_ANSWER, SLOW_GOLD, timeout_s=0.3) == "timeout"  # the check itself is still bounded
-    finally:
-        pool.close_idle()
-
-
-def test_worker_start_up_has_its_own_bound(monkeypatch, caplog):
-    monkeypatch.setattr(rewards, "_WORKER_COMMAND", [sys.executable, "-c", "import time; time.sleep(30)"])
-    monkeypatch.setattr(rewards, "_STARTUP_TIMEOUT_S", 0.5)
-    pool = _VerifierPool(size=1)
-    started = time.monotonic()
-    assert pool.check("x + 1", "1 + x", timeout_s=5.0) == "verify_error"
-    assert time.monotonic() - started < 5.0 and "did not start within" in caplog.text
 
 
 THREAD_CASES = [

@@ -2,30 +2,21 @@
 
 Answers are compared in three steps, cheapest first: the normalised strings are equal; both parse as
 plain numbers and are exactly equal (`fractions.Fraction`, so GSM8K's common case costs microseconds);
-math-verify finds them symbolically equal. The symbolic step runs in a small pool of worker processes:
-math-verify's own timeout relies on `signal.alarm`, which fails outside the main thread, and a
-runaway sympy call inside a thread could never be stopped. A worker that overruns its time budget is
-killed and replaced, so a call never hangs and a stuck computation never outlives its call.
+math-verify finds them symbolically equal. The symbolic step runs in the reward worker processes
+(`rewards.workers`): math-verify's own timeout relies on `signal.alarm`, which fails outside the main
+thread, and a runaway sympy call inside a thread could never be stopped. A worker that overruns its time
+budget is killed and replaced, so a call never hangs and a stuck computation never outlives its call.
 """
 
 from __future__ import annotations
 
-import atexit
-import json
 import logging
-import os
-import queue
 import re
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from fractions import Fraction
-from multiprocessing.connection import wait
-from pathlib import Path
-from typing import Any
 
 from nested_reft.errors import UserError
+from nested_reft.rewards import workers
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +42,7 @@ def math_reward(completion: str, gold: str, *, last_number_fallback: bool = Fals
     try:
         predicted = extract_answer(completion, last_number_fallback=last_number_fallback)
         reason = "no_answer" if predicted is None else _match(predicted, gold, timeout_s)
-        marked = _marked_answer(completion)
-        bonus = format_weight if marked is not None and _normalise(marked) else 0.0
+        bonus = format_weight if has_marked_answer(completion) else 0.0
         return RewardResult(reward=(1.0 if reason == "correct" else 0.0) + bonus, predicted=predicted, reason=reason)
     except Exception:  # a reward bug must not kill a training run, but it is logged with its traceback
         logger.exception("math_reward failed; scoring the completion 0")
@@ -81,6 +71,13 @@ def extract_answer(text: str, *, last_number_fallback: bool = False) -> str | No
         numbers = _NUMBER.findall(text)
         answer = numbers[-1].rstrip(",") if numbers else None
     return answer
+
+
+def has_marked_answer(text: str) -> bool:
+    """Whether `text` has a well-formed final-answer marker: a `####` line or a closed `\\boxed{}` whose content is
+    not empty once normalised (the format bonus, and the `format` reward)."""
+    marked = _marked_answer(text)
+    return marked is not None and bool(_normalise(marked))
 
 
 def _marked_answer(text: str) -> str | None:
@@ -190,7 +187,7 @@ def _match(predicted: str, gold: str, timeout_s: float) -> str:
     pred_value, ref_value = _to_fraction(pred), _to_fraction(ref)
     if pred_value is not None and ref_value is not None:
         return "correct" if pred_value == ref_value else "wrong"
-    return _pool.check(pred, ref, timeout_s)
+    return workers.pool().check(pred, ref, timeout_s)
 
 
 _NORMALISE_PASSES = 8
@@ -270,159 +267,3 @@ def _to_fraction(answer: str) -> Fraction | None:
     except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits): not a plain number
         return None
     return None
-
-
-# --- Symbolic verification in worker processes ---------------------------------------------------
-
-_STARTUP_TIMEOUT_S = 60.0  # importing sympy and math-verify takes about a second; this allows a loaded machine
-_POOL_SIZE = min(4, os.cpu_count() or 1)  # most answers are numbers and never reach the pool
-# sympy can build numbers of any size ("2^{2^{40}}" grows by ~100 MB/s); past this a worker gets MemoryError.
-_WORKER_MEMORY_BYTES = 2 * 1024**3
-# A plain interpreter running `_serve`, rather than multiprocessing: it does not re-run the caller's
-# __main__ (which breaks scripts without a main guard), and it works inside daemonic processes too.
-_WORKER_COMMAND = [sys.executable, "-c", "from nested_reft.rewards import _serve; _serve()"]
-
-
-class _Worker:
-    """One verifier process (see `_serve`), talking JSON lines over its stdin and stdout; one user at a time."""
-
-    def __init__(self) -> None:
-        package_root = str(Path(__file__).resolve().parent.parent)
-        pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-        self._process = subprocess.Popen(
-            _WORKER_COMMAND, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": pythonpath}
-        )
-        try:
-            ready = self._read_reply(_STARTUP_TIMEOUT_S) == "ready"
-        except (TimeoutError, EOFError, ValueError):
-            ready = False
-        if not ready:
-            self.close()
-            raise RuntimeError(f"the math-verify worker process did not start within {_STARTUP_TIMEOUT_S:.0f} s")
-
-    def ask(self, predicted: str, gold: str, timeout_s: float) -> list:
-        """Send one comparison; return the reply ["ok", equal] or ["error", exception name].
-
-        Raises TimeoutError when no reply arrives within `timeout_s`; the caller must then close it.
-        """
-        self._process.stdin.write(json.dumps([predicted, gold]).encode() + b"\n")
-        self._process.stdin.flush()
-        return self._read_reply(timeout_s)
-
-    def _read_reply(self, timeout_s: float) -> Any:
-        if not wait([self._process.stdout], max(timeout_s, 0.0)):
-            raise TimeoutError
-        line = self._process.stdout.readline()  # replies are one short line, written at once
-        if not line:
-            raise EOFError(f"the math-verify worker process closed its output (exit code {self._process.poll()})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        self._process.kill()
-        self._process.wait()
-        self._process.stdout.close()
-        try:
-            self._process.stdin.close()
-        except BrokenPipeError:  # bytes left unsent to a process that is gone; the pipe is closed anyway
-            pass
-
-
-class _VerifierPool:
-    """At most `size` worker processes, shared by every thread of this process.
-
-    A queue of `size` slots, each holding an idle worker or None (start one when needed): taking a slot
-    is how a thread waits its turn, and putting back None is how a killed worker is replaced.
-    """
-
-    def __init__(self, size: int) -> None:
-        self._slots: queue.Queue[_Worker | None] = queue.Queue()
-        for _ in range(size):
-            self._slots.put(None)
-
-    def check(self, predicted: str, gold: str, timeout_s: float) -> str:
-        """"correct" or "wrong" from math-verify, or why there is no verdict. Waiting for a free worker
-        and the comparison itself share `timeout_s`; starting a new worker does not count against it (it has
-        its own bound, `_STARTUP_TIMEOUT_S`): on a loaded machine start-up alone can exceed `timeout_s`, and
-        counting it would turn every symbolic check into a "timeout"."""
-        started = time.monotonic()
-        try:
-            worker = self._slots.get(timeout=timeout_s)
-        except queue.Empty:
-            return "verifier_busy"
-        remaining = timeout_s - (time.monotonic() - started)  # measured before any start-up
-        healthy, reason = False, "verify_error"
-        try:
-            worker = worker or _Worker()
-            status, value = worker.ask(predicted, gold, remaining)
-            healthy = True
-            if status == "ok":
-                reason = "correct" if value else "wrong"
-            else:
-                logger.warning("math-verify raised %s comparing an answer with its gold answer", value)
-        except TimeoutError:
-            reason = "timeout"
-        except Exception:  # the worker died or could not start: log it, report it, replace it
-            logger.exception("math-verify worker process failed")
-        finally:
-            if worker is not None and not healthy:
-                worker.close()
-            self._slots.put(worker if healthy else None)
-        return reason
-
-    def close_idle(self) -> None:
-        """Stop the idle workers; the pool stays usable and starts new ones when needed."""
-        idle = []
-        while True:
-            try:
-                idle.append(self._slots.get_nowait())
-            except queue.Empty:
-                break
-        for worker in idle:
-            if worker is not None:
-                worker.close()
-            self._slots.put(None)
-
-
-_pool = _VerifierPool(_POOL_SIZE)  # no process starts until the first symbolic check
-atexit.register(lambda: _pool.close_idle())  # whichever pool is current at exit, also in a forked child
-
-
-def _new_pool_after_fork() -> None:
-    """A forked child must not share its parent's worker pipes."""
-    global _pool
-    _pool = _VerifierPool(_POOL_SIZE)
-
-
-os.register_at_fork(after_in_child=_new_pool_after_fork)
-
-
-def _serve() -> None:
-    """Worker process main loop: answer [predicted, gold] lines on stdin until stdin closes."""
-    import resource
-
-    from math_verify import parse, verify  # only worker processes import sympy
-
-    resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY_BYTES, _WORKER_MEMORY_BYTES))
-    replies = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # stray prints from libraries go to stderr instead of corrupting the replies
-    # math-verify warns that its signal-based timeout is off; the parent process enforces the bound.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    # The first comparison builds math-verify's parsers (about half a second): done now, it is part of the
-    # start-up, which has its own bound, and the first real check is timed like every other one.
-    try:
-        verify(parse("$\\frac{1}{2} + x$", parsing_timeout=None), parse("$x + 0.5$", parsing_timeout=None),
-               timeout_seconds=None)
-    except Exception:  # a warm-up that fails only leaves the cost to the first check
-        pass
-    replies.write('"ready"\n')
-    replies.flush()
-    for line in sys.stdin:
-        predicted, gold = json.loads(line)
-        try:
-            gold_parsed = parse(f"${gold}$", parsing_timeout=None, raise_on_error=True)
-            pred_parsed = parse(f"${predicted}$", parsing_timeout=None, raise_on_error=True)
-            reply = ["ok", verify(gold_parsed, pred_parsed, timeout_seconds=None, raise_on_error=True)]
-        except Exception as exc:  # only the name: str() of some sympy objects can itself run for ages
-            reply = ["error", type(exc).__name__]
-        replies.write(json.dumps(reply) + "\n")
-        replies.flush()
