@@ -115,11 +115,24 @@ def plot_bench(report: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
+FIGURE_FORMATS = ("png", "svg", "pdf")
+
+
+def figure_format(path: Path, option: str = "--out") -> str:
+    """The format a figure file's suffix names (png, svg or pdf); UserError for any other, before any work."""
+    fmt = path.suffix.lower().removeprefix(".")
+    if fmt not in FIGURE_FORMATS:
+        raise UserError(f"{option} {path}: expected a .png, .svg or .pdf file name, found suffix '{path.suffix}'")
+    return fmt
+
+
 def save_figure(fig, path: Path) -> None:
-    """Write `fig` to the PNG `path` atomically (a temporary sibling, then rename) and release it."""
+    """Write `fig` to `path` in the format its suffix names, atomically (a temporary sibling, then rename), and
+    release it."""
+    fmt = figure_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format=fmt)
     _pyplot().close(fig)
     tmp.replace(path)
 

@@ -55,3 +55,14 @@ def test_plot_of_a_folder_without_metrics_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(["plot", str(tmp_path / "empty"), "--out", str(tmp_path / "p.png")], capsys)
     assert code == 2 and "no metrics.jsonl" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plot_writes_the_format_its_suffix_names(tmp_path, capsys):
+    run = write_run(tmp_path / "run")
+    for suffix, magic in ((".svg", b"<?xml"), (".pdf", b"%PDF"), (".png", b"\x89PNG")):
+        out = tmp_path / f"runs{suffix}"
+        code, _, err = run_cli(["plot", str(run), "--out", str(out)], capsys)
+        assert code == 0, err
+        assert out.read_bytes().startswith(magic), suffix
+    code, _, err = run_cli(["plot", str(run), "--out", str(tmp_path / "runs.jpeg")], capsys)
+    assert code == 2 and "expected a .png, .svg or .pdf file name" in err and not (tmp_path / "runs.jpeg").exists()

@@ -9,7 +9,7 @@ import typer
 from rich.progress import Progress
 
 from nested_reft.bench import bench as run_bench
-from nested_reft.plotting import plot_bench as draw_plot
+from nested_reft.plotting import figure_format, plot_bench as draw_plot
 from nested_reft.cli.console import make_console, print_table
 from nested_reft.cli.options import RecipeArgument, parse_ratios, recipe_and_overrides, set_option, show_precision
 from nested_reft.errors import UserError
@@ -25,7 +25,7 @@ def bench(
     repeats: int = typer.Option(3, min=1, help="Interleaved repeats per mode; medians are reported."),
     what: str = typer.Option("rollout", help="'rollout' (generation only) or 'train' (whole step)."),
     report: Optional[Path] = typer.Option(None, help="JSON report. Default: <run.output_dir>/reports/bench.json."),
-    plot: Optional[Path] = typer.Option(None, help="Also draw tokens/sec against skip ratio to this PNG."),
+    plot: Optional[Path] = typer.Option(None, help="Also draw tokens/sec against skip ratio to this figure (.png, .svg or .pdf)."),
     gradient_checkpointing: str = typer.Option(
         "recipe", help="--what train: 'recipe' (train.gradient_checkpointing), 'on', 'off', or 'both' (every mode "
         "with and without; compares peak memory)."),
@@ -40,6 +40,7 @@ def bench(
     report = report or Path(cfg.run.output_dir) / "reports" / "bench.json"
     ensure_writable(report, "--report")
     if plot:
+        figure_format(plot, "--plot")
         ensure_writable(plot, "--plot")
     check_skipping(cfg)
     console = make_console()
