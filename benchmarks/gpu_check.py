@@ -21,7 +21,7 @@ another fails:
   train        `trainer.train` on the model saved as a folder with a byte-level tokenizer: 3 steps of 8 prompts
                x 8 completions x up to 256 tokens with the dynamic cache, 3 with the static cache (CUDA graphs
                auto), then the static run resumed for a 4th step: step times, peak memory, rewards
-  compiled     the graph engine with torch.compile'd layer units (experimental; last, as compiling is slow
+  compiled     the graph engine with torch.compile'd layer units (`rollout.compile`; last, as compiling is slow
                and may fail): tokens/s against plain graphs, compile + capture time, roofline fraction
 
 `--smoke` runs the same code on CPU with a tiny model and toy sizes in seconds (CI runs it).
@@ -55,7 +55,7 @@ from nested_reft.devices import use_tf32
 from nested_reft.memory import set_gradient_checkpointing
 from nested_reft.models import peak_memory_mb, reset_peak_memory
 from nested_reft.objective import group_advantages
-from nested_reft.precision import MasterWeights, describe, resolve_runtime
+from nested_reft.precision import MasterWeights, describe, keeps_fp32_head, resolve_runtime
 from nested_reft.recipe import Recipe, load_recipe
 from nested_reft.rollout import generate, left_pad
 from nested_reft.sampling import SamplingParams
@@ -267,7 +267,7 @@ class Work:
 
     def compiled(self, peak: float | None) -> dict[str, Any]:
         start = time.perf_counter()
-        self.ours("static", "auto", compile_layers=True)  # compiles, captures
+        first_rollout, _ = self.ours("static", "auto", compile_layers=True)  # compiles, captures
         first = time.perf_counter() - start
         speeds: dict[str, list[float]] = {"graphs": [], "graphs + compile": []}
         runs = []
@@ -279,7 +279,8 @@ class Work:
         medians = {name: statistics.median(values) for name, values in speeds.items()}
         engine = engine_for(self.model, self.ids.shape[0], self.ids.shape[1] + self.tokens,
                             graphs=self.device.type == "cuda", compile_layers=True)
-        return {"first_rollout_seconds": first, "tokens_per_s": medians, "runs": speeds,
+        return {"first_rollout_seconds": first, "compile_seconds": first_rollout.compile_seconds,
+                "tokens_per_s": medians, "runs": speeds,
                 "compiled_over_graphs": medians["graphs + compile"] / medians["graphs"],
                 "graphs": engine.graph_stats(), "roofline": self.roofline(peak, runs)}
 
@@ -365,15 +366,15 @@ def first_token_parity(_text: str, ids: list[int], _example: Any) -> tuple[float
 
 
 def update_step(config, sizes: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One step of the shipped update (`optimise` with `MasterWeights`: float32 masters, bf16 compute, float32 LM
-    head, gradient checkpointing on CUDA) on a batch sampled by the skipped model and scored as the trainer would.
+    """One step of the shipped update (`optimise` with `MasterWeights`: float32 masters, bf16 compute, the LM head
+    in the recipe's `head_dtype`, gradient checkpointing on CUDA) on a batch sampled by the skipped model and scored as the trainer would.
     Timed after one warm-up step (allocator, AdamW states); the peak memory is the timed step's."""
     completion = sizes["update_completion_len"]
     recipe = shipped_recipe(device, sizes, completion)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
-    masters = MasterWeights(model, recipe.model.mixed_precision)
+    masters = MasterWeights(model, recipe.model.mixed_precision, fp32_head=keeps_fp32_head(recipe.model))
     set_gradient_checkpointing(model, recipe.train.gradient_checkpointing)
     params = SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p)
     _, skip = SkipSampler.from_config(recipe.skipping, config.num_hidden_layers, recipe.run.seed).sample()
@@ -397,7 +398,7 @@ def update_step(config, sizes: dict[str, Any], device: torch.device) -> dict[str
     stats = optimise(model, None, optimizer, scheduler, batch, recipe, params, masters)
     seconds = _synced(start, device)
     rows, width = rollout.completion_ids.shape[0], rollout.prompt_ids.shape[1] + completion
-    return {"precision": describe(recipe.model.mixed_precision, recipe.model.dtype),
+    return {"precision": describe(recipe.model.mixed_precision, recipe.model.dtype, recipe.model.head_dtype),
             "lm_head_dtype": str(model.lm_head.weight.dtype), "master_weights": masters.active,
             "gradient_checkpointing": recipe.train.gradient_checkpointing, "sequences": rows,
             "sequence_tokens": width, "micro_batch": recipe.train.micro_batch_size, "skipped_layers": list(skip),
@@ -484,7 +485,8 @@ def summarise(report: dict[str, Any]) -> None:
     if "compiled_over_graphs" in compiled and "hbm_fraction" in compiled["roofline"]:
         lines.append(f"with compiled layers: {compiled['compiled_over_graphs']:.2f}x plain graphs, HBM fraction "
                      f"{compiled['roofline']['hbm_fraction']:.2f}, "
-                     f"first rollout {compiled['first_rollout_seconds']:.0f} s")
+                     f"first rollout {compiled['first_rollout_seconds']:.0f} s (compiling "
+                     f"{compiled['compile_seconds']:.0f} s)")
     if "step_seconds" in report.get("update", {}):
         update = report["update"]
         lines.append(f"shipped update ({update['precision']}): {update['step_seconds']:.2f} s per step, "

@@ -34,8 +34,13 @@ CONFIGS = {  # name -> (recipe, overrides)
     "adaptive": ("recipes/quickstart.yaml", []),  # the quickstart's target_kl
     "adaptive-0.2": ("recipes/quickstart.yaml", ["skipping.target_kl=0.2"]),
     "adaptive-0.5": ("recipes/quickstart.yaml", ["skipping.target_kl=0.5"]),
+    # skip bridges trained to track the policy (skipping.robustness_weight), at two bridge learning rates
+    "robust-0.2-lr1e-3": ("recipes/quickstart.yaml", ["skipping.target_kl=0.2", "skipping.robustness_weight=1.0",
+                                                      "skipping.robustness_lr=1e-3"]),
+    "robust-0.2-lr3e-3": ("recipes/quickstart.yaml", ["skipping.target_kl=0.2", "skipping.robustness_weight=1.0",
+                                                      "skipping.robustness_lr=3e-3"]),
 }
-DEFAULT_CONFIGS = ["baseline", "fixed-0.25", "adaptive-0.2"]
+DEFAULT_CONFIGS = ["baseline", "adaptive-0.2", "robust-0.2-lr1e-3", "robust-0.2-lr3e-3"]
 
 
 def run(command: list[str], log: Path, threads: int) -> None:
@@ -70,7 +75,8 @@ def train_and_evaluate(config: str, seed: int, args: argparse.Namespace) -> dict
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     saved = args.out / name
     saved.mkdir(parents=True, exist_ok=True)
-    shutil.copy(run_dir / "metrics.jsonl", saved / "metrics.jsonl")
+    for name_ in ("metrics.jsonl", "recipe.yaml"):  # the recipe groups seeds into arms in the plot
+        shutil.copy(run_dir / name_, saved / name_)
     evaluation = json.loads(report.read_text())
     made_by = run_dir / "commit"
     return {"config": config, "seed": seed, "pass@1": evaluation["metrics"]["pass@1"], "n": evaluation["n"],
@@ -79,7 +85,18 @@ def train_and_evaluate(config: str, seed: int, args: argparse.Namespace) -> dict
             "wall_seconds": rows[-1]["time_elapsed"],
             "final_train_accuracy": statistics.mean(r["accuracy"] for r in rows[-5:]),
             "mean_skipped_layers": statistics.mean(len(r["skipped_layers"]) for r in rows),
+            "mean_skipped_layers_second_half": statistics.mean(len(r["skipped_layers"]) for r in rows[len(rows) // 2:]),
+            # Decoder-layer work of the rollouts against the full model's on the same tokens (the LM head and the
+            # bridges, each < 1% of a layer's FLOPs per bridge, aside): 1 - this is the share of rollout FLOPs saved.
+            "rollout_layer_fraction": rollout_layer_fraction(rows),
+            "robust_seconds": sum(r.get("time_robust", 0.0) for r in rows),
             "steps_without_update": sum(r["update_skipped"] for r in rows)}
+
+
+def rollout_layer_fraction(rows: list[dict]) -> float:
+    """Token-weighted fraction of the decoder layers the rollouts ran (1.0: the full model every step)."""
+    tokens = [r["completion_length"] for r in rows]  # per row; the batch size is the same every step
+    return sum(t * (1.0 - r["skip_ratio"]) for t, r in zip(tokens, rows)) / sum(tokens)
 
 
 def main() -> None:
@@ -91,7 +108,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="Runs at a time.")
     parser.add_argument("--threads", type=int, default=2, help="Torch threads per run (OMP_NUM_THREADS).")
     parser.add_argument("--set", nargs="*", default=[], help="Extra recipe overrides for every run.")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "learning")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "robust")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "learning")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -117,10 +134,11 @@ def main() -> None:
         summary["configs"][config] = {
             key: {"mean": statistics.mean(r[key] for r in mine),
                   "std": statistics.stdev(r[key] for r in mine) if len(mine) > 1 else 0.0}
-            for key in ("pass@1", "rollout_seconds", "wall_seconds", "mean_skipped_layers")}
+            for key in ("pass@1", "rollout_seconds", "wall_seconds", "mean_skipped_layers",
+                        "mean_skipped_layers_second_half", "rollout_layer_fraction", "robust_seconds")}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run([*CLI, "plot", *[str(args.out / f"{r['config']}-s{r['seed']}") for r in results],
-         "--out", str(args.out / "curves.png")], args.runs_dir / "plot.log", args.threads)
+         "--out", str(args.out / "curves.png"), "--smooth", "3"], args.runs_dir / "plot.log", args.threads)
     print(json.dumps(summary["configs"], indent=2))
     print(f"starting model pass@1 {summary['starting_model_pass@1']:.3f} (n={summary['n']}); "
           f"summary: {args.out / 'summary.json'}")

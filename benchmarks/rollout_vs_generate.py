@@ -2,9 +2,11 @@
 
 Fixed-length work (min_new_tokens = max_new_tokens) so every configuration generates the same number of
 tokens. Runs are interleaved (one of each configuration per repeat) so that machine noise hits all of them
-alike; the medians are printed. Usage:
+alike; the medians are printed. `--precision bf16` casts the model to bf16 (the LM head too, as `head_dtype:
+auto` does) for both engines. Usage:
 
     python benchmarks/rollout_vs_generate.py [--device cpu] [--threads N] [--repeats 3] [--new-tokens 128]
+        [--precision no|bf16] [--kv-cache dynamic|static]
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-ratio", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--precision", default="no", help="model.mixed_precision: no or bf16")
+    parser.add_argument("--kv-cache", default="dynamic", help="our engine's cache: dynamic or static")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device, mixed_precision=args.precision)
     prompts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True
@@ -50,6 +54,7 @@ def main() -> None:
     common = dict(
         num_generations=args.generations, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
         params=params, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+        kv_cache=args.kv_cache,
     )
     ids, mask = left_pad(prompts, args.generations, tokenizer.pad_token_id, next(model.parameters()).device)
     tokens = ids.shape[0] * args.new_tokens
@@ -83,7 +88,8 @@ def main() -> None:
 
     medians = {name: statistics.median(values) for name, values in results.items()}
     print(f"load average (1 min) before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
-    print(f"model={args.model} device={args.device} threads={torch.get_num_threads()} layers={num_layers} "
+    print(f"model={args.model} device={args.device} precision={args.precision} kv_cache={args.kv_cache} "
+          f"threads={torch.get_num_threads()} layers={num_layers} "
           f"batch={ids.shape[0]} prompt_width={ids.shape[1]} new_tokens={args.new_tokens} repeats={args.repeats}")
     print(f"skipped layers ({len(skip)}/{num_layers}): {list(skip)}")
     for name, values in results.items():

@@ -6,16 +6,22 @@ one untimed warm-up, and runs interleaved (baseline, r1, r2, then r2, r1, baseli
 machine speed hits every mode alike. Figures are medians over repeats. Each ratio's skip set is drawn once (seeded),
 the way the recipe's `skipping.strategy` draws it, and reused across repeats.
 
-speedup = nested tokens/sec / baseline tokens/sec (the median of the per-repeat ratios); the ideal is L / (L - k) (only decoder layers are skipped:
-embedding, LM head and sampling cost the same in both modes, so efficiency = speedup / ideal < 1 is expected).
+speedup = nested tokens/sec / baseline tokens/sec (the median of the per-repeat ratios); the ideal is L / (L - k)
+(only decoder layers are skipped: embedding, LM head and sampling cost the same in both modes, so efficiency =
+speedup / ideal < 1 is expected).
+
+The step split: each part's tokens per second (prefill: prompt tokens, each prompt once; decode: generated tokens;
+update: every row's prompt and completion tokens) and the fraction of this machine's peak its model FLOPs reach
+(`throughput`: the peak is the best of a large matmul in the compute dtype, probed before the first run and
+after every repeat).
 
 Precision is the recipe's resolved `model.mixed_precision` (training steps keep `model.dtype` master weights).
 Peak memory is measured per run: on CUDA the allocator's peak, on Linux CPUs the process's peak RSS (VmHWM),
 reset through /proc/self/clear_refs before the rollout and again before the update, so each row shows its
 own peaks (`peak_memory_mb` for the step, `train_peak_memory_mb` for the update alone). RSS counts
 everything the process holds (model, the bench's copy of the initial weights, AdamW states, allocator caches),
-so compare rows with each other rather than reading them as the step's own footprint. `--gradient-checkpointing both` runs every
-mode with and without checkpointing, interleaved like the rest.
+so compare rows with each other rather than reading them as the step's own footprint. `--gradient-checkpointing
+both` runs every mode with and without checkpointing, interleaved like the rest.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from nested_reft.data import load_examples
 from nested_reft.errors import UserError
 from nested_reft.memory import set_gradient_checkpointing
 from nested_reft.models import load_model, peak_memory_mb, reset_peak_memory
-from nested_reft.precision import MasterWeights, resolve_runtime
+from nested_reft.precision import COMPUTE_DTYPES, MasterWeights, keeps_fp32_head, resolve_runtime
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import Recipe
 from nested_reft.rollout import generate
@@ -39,6 +45,7 @@ from nested_reft.rundir import resolve_model_path
 from nested_reft.sampling import SamplingParams
 from nested_reft.scoring import reward_scorer, score
 from nested_reft.skipping import SkipSampler, decoder_layers
+from nested_reft.throughput import ModelFlops, matmul_peak, step_flops
 from nested_reft.update import optimise
 
 Progress = Callable[[str], None]
@@ -64,8 +71,9 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
     source = resolve_model_path(recipe.model.name_or_path)
     # Training steps need the storage-dtype weights as masters; rollouts only need the compute dtype.
     model, tokenizer = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device,
-                                  mixed_precision="no" if what == "train" else precision)
-    masters = MasterWeights(model, precision) if what == "train" else None
+                                  mixed_precision="no" if what == "train" else precision,
+                                  head_dtype=recipe.model.head_dtype)
+    masters = MasterWeights(model, precision, fp32_head=keeps_fp32_head(recipe.model)) if what == "train" else None
     device = next(model.parameters()).device
     num_layers = len(decoder_layers(model))
     examples = load_examples(recipe.data.train, split=recipe.data.train_split, limit=recipe.train.prompts_per_step,
@@ -114,10 +122,20 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
         rollout = generate(model, prompts, num_generations=recipe.rollout.num_generations,
                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, params=params,
                            eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, skip=skip, seed=recipe.run.seed,
-                           kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs)
+                           kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs,
+                           compile_layers=recipe.rollout.compile == "on")
+        prompt_lengths, completion_lengths = torch.stack([rollout.prompt_mask.sum(1),
+                                                          rollout.completion_mask.sum(1)]).tolist()
+        flops = step_flops(model_flops, prompt_lengths, completion_lengths, recipe.rollout.num_generations,
+                           num_layers - len(skip))
+        prompt_tokens = sum(prompt_lengths[:: recipe.rollout.num_generations])  # each prompt is prefilled once
         sample = {"tokens_per_sec": rollout.tokens_per_second, "prefill_seconds": rollout.prefill_seconds,
                   "decode_seconds": rollout.decode_seconds, "tokens": rollout.tokens_generated,
-                  "peak_memory_mb": peak_memory_mb(device)}
+                  "compile_seconds": rollout.compile_seconds, "peak_memory_mb": peak_memory_mb(device),
+                  "prefill_tokens_per_sec": prompt_tokens / rollout.prefill_seconds,
+                  "decode_tokens_per_sec": rollout.tokens_generated / rollout.decode_seconds,
+                  "prefill_flops_per_sec": flops["prefill"] / rollout.prefill_seconds,
+                  "decode_flops_per_sec": flops["decode"] / rollout.decode_seconds}
         if what == "train":
             generated = time.perf_counter()
             batch = score(rollout, examples, tokenizer, scorer, recipe.rollout.num_generations,
@@ -133,11 +151,18 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
             sample |= {"generate_seconds": generated - start, "score_seconds": scored - generated,
                        "train_seconds": done - scored, "step_seconds": done - start,
                        "train_peak_memory_mb": train_peak,
-                       "peak_memory_mb": max(sample["peak_memory_mb"], train_peak)}
+                       "peak_memory_mb": max(sample["peak_memory_mb"], train_peak),
+                       "train_tokens_per_sec": (sum(prompt_lengths) + sum(completion_lengths)) / (done - scored),
+                       "train_flops_per_sec": flops["update"] / (done - scored),
+                       "step_flops_per_sec": sum(flops.values()) / (done - start)}
         return sample
 
+    progress("probing the matmul peak")
+    peak_dtype = COMPUTE_DTYPES[precision] or torch.float32
+    peaks = [matmul_peak(device, peak_dtype)]  # probed again after every repeat: the best is the least disturbed
+    model_flops = ModelFlops.of(model)
     progress("warm-up")
-    run_once((), min(8, length), checkpointing[0])
+    warm_up = run_once((), min(8, length), checkpointing[0])
     samples: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(modes))}
     for r in range(repeats):
         # ABBA order: every other repeat runs the modes backwards, so a drift in machine speed during a
@@ -148,9 +173,14 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
             progress(f"repeat {r + 1}/{repeats}: {mode} {ratio:.2f}" + (f" gc {'on' if gc else 'off'}"
                                                                        if len(checkpointing) > 1 else ""))
             samples[i].append(run_once(skip, length, gc))
+        peaks.append(matmul_peak(device, peak_dtype))
 
+    peak = max(peaks)
     results = []
     for i, (mode, ratio, skip, gc) in enumerate(modes):
+        for s in samples[i]:
+            s |= {key.replace("flops_per_sec", "peak_fraction"): value / peak
+                  for key, value in s.items() if key.endswith("flops_per_sec")}
         medians = {key: statistics.median(s[key] for s in samples[i]) for key in samples[i][0] if key != "tokens"}
         results.append({"mode": mode, "skip_ratio": ratio, "skipped_layers": list(skip), **medians,
                         "tokens_per_sec_repeats": [s["tokens_per_sec"] for s in samples[i]],
@@ -174,8 +204,11 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
     report = {"model": source, "device": describe_device(device), "num_layers": num_layers, "what": what,
               "settings": {"sequences": len(prompts) * recipe.rollout.num_generations, "completion_length": length,
                            "repeats": repeats, "temperature": params.temperature, "dtype": recipe.model.dtype,
-                           "mixed_precision": precision, "strategy": recipe.skipping.strategy,
-                           "seed": recipe.run.seed,
+                           "mixed_precision": precision, "head_dtype": recipe.model.head_dtype,
+                           "strategy": recipe.skipping.strategy,
+                           "seed": recipe.run.seed, "compile": recipe.rollout.compile,
+                           "warm_up_compile_seconds": warm_up["compile_seconds"],
+                           "matmul_peak_gflops": peak / 1e9, "peak_dtype": str(peak_dtype).removeprefix("torch."),
                            "peak_memory": peak_memory_method(device)},
               "results": results, "comparisons": comparisons}
     if len(checkpointing) > 1:

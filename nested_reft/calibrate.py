@@ -187,7 +187,7 @@ def calibrate(recipe: Recipe, ratios: list[float], num_prompts: int, progress: P
     source = resolve_model_path(recipe.model.name_or_path)
     recipe, _ = resolve_runtime(recipe)
     model, tokenizer = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device,
-                                  mixed_precision=recipe.model.mixed_precision)
+                                  mixed_precision=recipe.model.mixed_precision, head_dtype=recipe.model.head_dtype)
     num_layers = len(decoder_layers(model))
     skipping = recipe.skipping
     eligible = list(range(skipping.keep_first, num_layers - skipping.keep_last))
@@ -202,7 +202,8 @@ def calibrate(recipe: Recipe, ratios: list[float], num_prompts: int, progress: P
         return generate(model, prompts, max_new_tokens=length, params=params, pad_token_id=tokenizer.pad_token_id,
                         eos_token_ids=eos_token_ids(tokenizer, model.generation_config), skip=skip,
                         seed=recipe.run.seed, min_new_tokens=length if fixed_length else 0,
-                        kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs)
+                        kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs,
+                        compile_layers=recipe.rollout.compile == "on")
 
     progress("sampling with the full model")
     reference = sample()

@@ -3,7 +3,7 @@ for bit.
 
 `checkpoints/step-N/` holds `config.json` + `model.safetensors` (the master weights, in the storage dtype; under
 LoRA the adapter folder instead), the tokenizer, and `trainer_state.pt`: optimiser, scheduler, data cursor, skip
-sampler and controller, fp16 loss scale, and each rank's random number generators (CPU, and its CUDA device).
+sampler and controller, fp16 loss scale, the skip bridges and their optimiser, and each rank's random number generators (CPU, and its CUDA device).
 
 Loading maps every tensor to the CPU first (memory-mapped, so it costs page cache, not a copy per rank): a
 checkpoint written by rank 0 from `cuda:0` would otherwise be restored onto `cuda:0` by every rank, ~12 GB of
@@ -29,6 +29,7 @@ from nested_reft.guards import check_finite_parameters
 from nested_reft.lora import Adapters
 from nested_reft.parallel import Parallel
 from nested_reft.precision import MasterWeights
+from nested_reft.robustness import Robustness
 from nested_reft.rundir import RunDir
 from nested_reft.skipping import SkipSampler
 
@@ -68,6 +69,7 @@ class TrainingState:
     sampler: SkipSampler
     world: World
     device: torch.device
+    robustness: Robustness | None = None  # the skip bridges and their optimiser
 
     def save(self, run: RunDir, step: int, keep_last: int) -> None:
         """Checkpoint `step`: gathered on every rank (a collective), written atomically by rank 0."""
@@ -85,7 +87,9 @@ class TrainingState:
                 self.tokenizer.save_pretrained(folder)
                 torch.save({"step": step, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                             "data": self.stream.state_dict(), "sampler": self.sampler.state_dict(), "rng": rng,
-                            "precision": self.masters.state_dict()}, folder / TRAINER_STATE)
+                            "precision": self.masters.state_dict(),
+                            "robustness": self.robustness.state_dict() if self.robustness else None},
+                           folder / TRAINER_STATE)
 
             if self.world.is_main:
                 run.save_checkpoint(step, write, keep_last=keep_last)
@@ -98,6 +102,8 @@ class TrainingState:
         self.masters.load_state_dict(state.get("precision", {}))
         self.stream.load_state_dict(state["data"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.robustness is not None and state.get("robustness"):
+            self.robustness.load_state_dict(state["robustness"])
         set_rng_state(self._own(state), self.device)
         return state["step"]
 

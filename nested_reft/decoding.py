@@ -42,8 +42,10 @@ Decoded = tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float, float]
 class DecodeCache(Protocol):
     """A KV cache and the model calls that read and write it, as the decode loop drives them."""
 
-    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
-        """Run the left-padded prompts [B, P] and return the number of slots decoding starts with (>= B)."""
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int = 1) -> int:
+        """Run the left-padded prompts [B, P] and return the number of slots decoding starts with (>= B). Rows come
+        in groups of `group_size` copies of one prompt: the prompt runs once and its keys and values (and its
+        next-token distribution) are copied to its group's rows."""
 
     def sample(self, uniform: torch.Tensor, ban_eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(token [W], behavior log-prob [W]) of every slot from its current distribution, `uniform` [W] being
@@ -88,10 +90,12 @@ def decode(
     pad_token_id: int,
     uniforms: torch.Tensor,
     should_stop: Callable[[], bool] | None = None,
+    group_size: int = 1,
 ) -> Decoded:
     """Prefill, then decode up to `max_new_tokens` per row (`uniforms` [T, B]: each step's random number per row).
 
-    A row ends after its first EOS token (kept). With `should_stop`, the loop also ends early, at the next host
+    Rows [g * group_size, (g + 1) * group_size) must hold the same prompt: it is prefilled once for them all. A
+    row ends after its first EOS token (kept). With `should_stop`, the loop also ends early, at the next host
     read, once it returns True: the caller asked to give up this rollout (a stop request), and the outputs then
     hold what was decoded so far.
     """
@@ -105,7 +109,7 @@ def decode(
     interval = status_interval(device)
 
     start = device_clock(device)
-    width = cache.prefill(prompt_ids, prompt_mask)
+    width = cache.prefill(prompt_ids, prompt_mask, group_size)
     prefill_end = device_clock(device)
     slots = torch.arange(width, device=device)
     rows = slots.clamp_max(trash)  # output row of each slot
@@ -154,14 +158,18 @@ class DynamicDecodeCache:
         self.cache = DynamicCache(config=model.config)  # created inside skip_layers: one slot per kept layer
         self.keyword = cache_keyword(type(model).forward)  # "cache" in current transformers
 
-    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int = 1) -> int:
         batch, self.prompt_width = prompt_ids.shape
         # Preallocated so that each step passes a growing view instead of concatenating a new mask.
         self.attention = torch.cat([prompt_mask, prompt_mask.new_ones((batch, self.max_new_tokens))], dim=1)
         self.positions = prompt_mask.sum(1, keepdim=True)  # position of each row's next token
         self.steps = 0
-        self.logits = self._forward(prompt_ids, prompt_mask, (prompt_mask.cumsum(1) - 1).clamp_min(0),
-                                    logits_to_keep=1)  # left padding must not shift positions
+        ids, mask = prompt_ids[::group_size], prompt_mask[::group_size]  # one row per prompt
+        logits = self._forward(ids, mask, (mask.cumsum(1) - 1).clamp_min(0),
+                               logits_to_keep=1)  # left padding must not shift positions
+        if group_size > 1:
+            self.cache.batch_repeat_interleave(group_size)
+        self.logits = logits.repeat_interleave(group_size, dim=0)
         return batch
 
     def sample(self, uniform: torch.Tensor, ban_eos: bool) -> tuple[torch.Tensor, torch.Tensor]:

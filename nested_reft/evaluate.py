@@ -21,7 +21,8 @@ from nested_reft.data import Example, load_examples
 from nested_reft.errors import UserError
 from nested_reft.devices import resolve_device
 from nested_reft.models import load_model
-from nested_reft.precision import resolve_mixed_precision
+from nested_reft.compiled_decode import resolve_compile
+from nested_reft.precision import resolve_head_dtype, resolve_mixed_precision
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import DataConfig, RewardConfig
 from nested_reft.rewards import answers_match, extract_answer
@@ -89,7 +90,8 @@ def check_sampling(samples: int, temperature: float) -> None:
 def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataConfig, *, samples: int = 1,
                       temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
                       reward_cfg: RewardConfig = RewardConfig(), seed: int = 0, batch_size: int = 64,
-                      on_batch=None, kv_cache: str = "dynamic", cuda_graphs: str = "auto") -> EvalReport:
+                      on_batch=None, kv_cache: str = "dynamic", cuda_graphs: str = "auto",
+                      compile_layers: bool = False) -> EvalReport:
     """Sample `samples` completions per example with the full model and score them.
 
     pass@1 is the mean accuracy over all samples (greedy when samples == 1 and temperature == 0); with
@@ -109,7 +111,7 @@ def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataC
         rollout = generate(model, encode_prompts(tokenizer, [e.question for e in chunk], data_cfg),
                            num_generations=samples, max_new_tokens=max_new_tokens, params=params,
                            eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, seed=seed + b,
-                           kv_cache=kv_cache, cuda_graphs=cuda_graphs)
+                           kv_cache=kv_cache, cuda_graphs=cuda_graphs, compile_layers=compile_layers)
         tokens += rollout.tokens_generated
         gen_seconds += rollout.prefill_seconds + rollout.decode_seconds
         ids = rollout.completions()
@@ -146,20 +148,25 @@ def evaluate_examples(model, tokenizer, examples: list[Example], data_cfg: DataC
 def evaluate(model_spec: str, data_spec: Any, *, split: str, limit: int | None, samples: int, temperature: float,
              max_new_tokens: int, data_cfg: DataConfig, reward_cfg: RewardConfig, dtype: str, device: str,
              seed: int, report_path: Path, mixed_precision: str = "no", on_batch=None, kv_cache: str = "dynamic",
-             cuda_graphs: str = "auto", batch_size: int = 64) -> dict[str, Any]:
+             cuda_graphs: str = "auto", batch_size: int = 64, head_dtype: str = "auto",
+             compile: str = "off") -> dict[str, Any]:
     """Evaluate a model (path, alias or run directory) on a data set; writes the JSON report and, beside it, the
-    per-example JSONL. Returns the report. `mixed_precision` (auto | no | bf16 | fp16) is the compute dtype. Bad
-    arguments are UserErrors raised before the model loads."""
+    per-example JSONL. Returns the report. `mixed_precision` (auto | no | bf16 | fp16) is the compute dtype, and
+    `head_dtype` (auto | float32 | compute) the LM head's under it; `compile` (auto | on | off) is the recipe's
+    `rollout.compile`. Bad arguments are UserErrors raised before the model loads."""
     check_sampling(samples, temperature)
     path = resolve_model_path(model_spec)
     precision, _ = resolve_mixed_precision(mixed_precision, resolve_device(device))  # fails before any loading
+    compile_layers = resolve_compile(compile, resolve_device(device)) == "on"
     examples = load_examples(data_spec, split=split, limit=limit, seed=seed)
-    model, tokenizer = load_model(path, dtype=dtype, device=device, mixed_precision=precision)
+    model, tokenizer = load_model(path, dtype=dtype, device=device, mixed_precision=precision, head_dtype=head_dtype)
     result = evaluate_examples(model, tokenizer, examples, data_cfg, samples=samples, temperature=temperature,
                                max_new_tokens=max_new_tokens, reward_cfg=reward_cfg, seed=seed, on_batch=on_batch,
-                               kv_cache=kv_cache, cuda_graphs=cuda_graphs, batch_size=batch_size)
+                               kv_cache=kv_cache, cuda_graphs=cuda_graphs, batch_size=batch_size,
+                               compile_layers=compile_layers)
     report = result.to_dict(model=path, data=data_spec)
-    report["settings"] |= {"dtype": dtype, "mixed_precision": precision}
+    report["settings"] |= {"dtype": dtype, "mixed_precision": precision,
+                           "head_dtype": resolve_head_dtype(head_dtype, precision)}
     atomic_write_json(report_path, report)
     atomic_write_text(report_path.with_suffix(".examples.jsonl"),
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))

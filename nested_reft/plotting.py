@@ -3,12 +3,18 @@ seconds) and `bench --plot` (rollout tokens/sec against skip ratio).
 
 The runs figure answers "does nested match baseline, and sooner?": each row is one quantity, the left column plots
 it per step, the right per second of wall clock (so a run whose steps are cheaper reaches the same reward
-further left), then one row per reward function (its mean, `rewards/<name>/mean`), and the bottom panel splits
-each run's mean step time into its phases.
+further left), then one row per reward function (its mean, `rewards/<name>/mean`) and, for runs that train skip
+bridges, the KL of the set they train and the policy's drift; the bottom panel splits each arm's mean step time
+into its phases.
+
+Runs that differ only by their seed (same recipe but `run.seed` and `run.output_dir`) are one *arm*: drawn as the
+mean over its runs with a min-max band, in one colour, as a paper's figure shows seeds. `smooth` averages each
+run's curve over a trailing window of that many steps first.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,13 @@ PANELS = [
     ("kl_mu_pi", "KL(mu||pi) nats/token"),
     ("ess", "ESS"),
 ]
-PHASES = ["time_generate", "time_probe", "time_score", "time_train"]
+# Drawn when some run logged them (skip bridges: `robustness`).
+OPTIONAL_PANELS = [
+    ("num_skipped", "layers skipped"),
+    ("robust_kl_mu_pi", "KL(mu||pi) of the set the bridges train"),
+    ("policy_drift", "policy drift per step (k3)"),
+]
+PHASES = ["time_generate", "time_probe", "time_score", "time_train", "time_robust"]
 
 
 def read_runs(paths: list[Path]) -> dict[str, list[dict[str, Any]]]:
@@ -43,10 +55,45 @@ def read_runs(paths: list[Path]) -> dict[str, list[dict[str, Any]]]:
 
 
 def panels(runs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:
-    """(metrics key, axis label) of each row of the figure: `PANELS`, then each reward function any run logged."""
-    keys = dict.fromkeys(k for rows in runs.values() for r in rows for k in r
-                         if k.startswith("rewards/") and k.endswith("/mean"))
-    return PANELS + [(key, f"reward: {key.split('/')[1]} (mean)") for key in keys]
+    """(metrics key, axis label) of each row of the figure: `PANELS`, the optional panels any run logged, then
+    each reward function any run logged."""
+    logged = {k for rows in runs.values() for r in rows for k in r}
+    rewards = dict.fromkeys(k for rows in runs.values() for r in rows for k in r
+                            if k.startswith("rewards/") and k.endswith("/mean"))
+    return (PANELS + [(key, label) for key, label in OPTIONAL_PANELS if key in logged]
+            + [(key, f"reward: {key.split('/')[1]} (mean)") for key in rewards])
+
+
+def arms(paths: list[Path], runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
+    """{arm label: run labels}: runs whose recipes differ only by `run.seed` and `run.output_dir` form one arm,
+    labelled by the runs' common name without its seed suffix (`adaptive-s0`, `adaptive-s1` -> `adaptive`)."""
+    import yaml
+
+    groups: dict[str, list[str]] = {}
+    for path, label in zip(paths, runs):
+        recipe_file = path / "recipe.yaml"
+        recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else None
+        run = recipe.get("run") if isinstance(recipe, dict) else None
+        if isinstance(run, dict):  # what differs between the seeds of one arm
+            run.pop("seed", None)
+            run.pop("output_dir", None)
+        key = repr(recipe) if recipe is not None else f"name:{_stem(label)}"  # no recipe: by name alone
+        groups.setdefault(key, []).append(label)
+    named = {}
+    for members in groups.values():
+        stems = {_stem(m) for m in members}
+        named[stems.pop() if len(stems) == 1 else members[0]] = members
+    return named
+
+
+def _stem(label: str) -> str:
+    """A run's name without its seed suffix: `adaptive-s1` -> `adaptive`."""
+    return re.sub(r"[-_]?s(eed)?[-_]?\d+$", "", label)
+
+
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over `window` points (the first points average what there is)."""
+    return [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
 def wall_seconds(rows: list[dict[str, Any]]) -> list[float]:
@@ -60,41 +107,63 @@ def wall_seconds(rows: list[dict[str, Any]]) -> list[float]:
     return out
 
 
-def plot_runs(paths: list[Path], out: Path) -> None:
-    """Draw the runs' metrics to the PNG `out` (written atomically)."""
+def plot_runs(paths: list[Path], out: Path, smooth: int = 1) -> None:
+    """Draw the runs' metrics to `out` (written atomically): one curve per arm (the mean of its seeds, with a
+    min-max band), each run's curve averaged over a trailing window of `smooth` steps first."""
     runs = read_runs(paths)
+    groups = arms(paths, runs)
     rows_of_figure = panels(runs)
     plt = _pyplot()
     fig = plt.figure(figsize=(12, 3 * (len(rows_of_figure) + 1)), dpi=100)
     grid = fig.add_gridspec(len(rows_of_figure) + 1, 2)
-    colors = {label: f"C{i % 10}" for i, label in enumerate(runs)}
     for row, (key, title) in enumerate(rows_of_figure):
         for col, xlabel in enumerate(("step", "wall-clock seconds")):
             ax = fig.add_subplot(grid[row, col])
-            for label, rows in runs.items():
-                xs = [r["step"] for r in rows] if col == 0 else wall_seconds(rows)
-                points = [(x, r[key]) for x, r in zip(xs, rows) if isinstance(r.get(key), (int, float))]
-                if points:
-                    ax.plot(*zip(*points), color=colors[label], label=label, lw=1.2)
-                if key == "accuracy":
-                    evals = [(x, r["eval_pass@1"]) for x, r in zip(xs, rows) if "eval_pass@1" in r]
-                    if evals:
-                        ax.plot(*zip(*evals), "o--", color=colors[label], ms=5, label=f"{label} eval pass@1")
+            for i, (arm, members) in enumerate(groups.items()):
+                _draw_arm(ax, [runs[m] for m in members], key, col, smooth, f"C{i % 10}",
+                          f"{arm} ({len(members)} seeds)" if len(members) > 1 else arm)
             ax.set_ylabel(title)
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.legend(fontsize=8)
     ax = fig.add_subplot(grid[len(rows_of_figure), :])
-    bottoms = [0.0] * len(runs)
+    bottoms = [0.0] * len(groups)
     for i, phase in enumerate(PHASES):
-        means = [sum(r.get(phase, 0.0) for r in rows) / len(rows) for rows in runs.values()]
-        ax.bar(list(runs), means, bottom=bottoms, color=f"C{i}", label=phase.removeprefix("time_"))
+        means = [sum(r.get(phase, 0.0) for m in members for r in runs[m]) / sum(len(runs[m]) for m in members)
+                 for members in groups.values()]
+        ax.bar(list(groups), means, bottom=bottoms, color=f"C{i}", label=phase.removeprefix("time_"))
         bottoms = [b + m for b, m in zip(bottoms, means)]
     ax.set_ylabel("mean seconds per step")
-    ax.tick_params(axis="x", labelrotation=20 if len(runs) > 4 else 0)  # many run names would overlap
+    ax.tick_params(axis="x", labelrotation=20 if len(groups) > 4 else 0)  # many arm names would overlap
     ax.legend(fontsize=8)
     save_figure(fig, out)
+
+
+def _draw_arm(ax, members: list[list[dict[str, Any]]], key: str, col: int, smooth: int, color: str,
+              label: str) -> None:
+    """One arm on one panel: the mean over its runs at each step they all reached, with a min-max band; against
+    wall-clock seconds the x of a step is the runs' mean time at that step. Eval pass@1 as markers."""
+    series = []
+    for rows in members:
+        xs = [r["step"] for r in rows] if col == 0 else wall_seconds(rows)
+        points = [(r["step"], x, r[key]) for x, r in zip(xs, rows) if isinstance(r.get(key), (int, float))]
+        if points:
+            steps, xs, ys = zip(*points)
+            series.append(dict(zip(steps, zip(xs, smoothed(list(ys), smooth)))))
+    common = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    if common:
+        x = [sum(s[t][0] for s in series) / len(series) for t in common]
+        ys = [[s[t][1] for s in series] for t in common]
+        ax.plot(x, [sum(v) / len(v) for v in ys], color=color, label=label, lw=1.4)
+        if len(series) > 1:
+            ax.fill_between(x, [min(v) for v in ys], [max(v) for v in ys], color=color, alpha=0.2, lw=0)
+    if key == "accuracy":
+        for rows in members:
+            xs = [r["step"] for r in rows] if col == 0 else wall_seconds(rows)
+            evals = [(x, r["eval_pass@1"]) for x, r in zip(xs, rows) if "eval_pass@1" in r]
+            if evals:
+                ax.plot(*zip(*evals), "o", color=color, ms=4)
 
 
 def plot_bench(report: dict[str, Any], path: Path) -> None:

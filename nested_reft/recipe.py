@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, ValidationError
 from pydantic import field_validator, model_validator
 
 from nested_reft.errors import UserError
+from nested_reft.recipe_errors import describe_validation_error
 from nested_reft.recipe_paths import resolve_recipe_paths
 from nested_reft.rewards.builtin import BUILTINS
 from nested_reft.rewards.user import split_ref
@@ -85,6 +86,14 @@ class ModelConfig(Section):
         description="Compute dtype of forwards and backwards (accelerate's names). auto: bf16 where the hardware "
         "computes it natively (CUDA with bf16, a CPU with AMX-BF16/AVX512-BF16), else no. With dtype float32, "
         "bf16/fp16 keep float32 master weights; fp16 needs CUDA. Run directories record the resolved value.",
+    )
+
+    head_dtype: Literal["auto", "float32", "compute"] = Field(
+        "auto",
+        description="Under mixed precision, the LM head's matmul: float32 (float32 weights and logits) or compute "
+        "(the compute dtype, float32 master kept); log-softmax and log-probs are float32 either way. auto: compute "
+        "(measured on SmolLM2 in bf16: decode steps 1.17x faster, sampler-vs-trainer bias unchanged at 0.003 "
+        "nats/token; benchmarks/head_dtype.py). Run directories record the resolved value.",
     )
 
     @field_validator("mixed_precision", mode="before")
@@ -159,11 +168,30 @@ class RolloutConfig(Section):
         "layer, which every skip set reuses; never used on CPU. 'off' decodes eagerly.",
     )
 
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="With kv_cache static, run each decoder layer's decode step through torch.compile (one "
+        "compilation for every layer, bucket and skip set; inside the CUDA graphs on a GPU); compiled artefacts "
+        "are cached under $NESTED_REFT_CACHE/compiled. auto: off (on a 2-core AVX512-BF16 CPU it measured no "
+        "faster than eager decoding with packed bf16 weights; on GPUs not measured yet: benchmarks/gpu_check.sh).",
+    )
+
     @field_validator("cuda_graphs", mode="before")
     @classmethod
     def _yaml_booleans(cls, value: Any) -> Any:
         """YAML reads a bare `off` as false (and `on` as true): take them as the words the user wrote."""
         return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutConfig:
+        if self.compile == "on" and self.kv_cache != "static":
+            raise ValueError("compile: on needs kv_cache: static (the dynamic cache changes shape every step)")
+        return self
 
 
 class SkippingConfig(Section):
@@ -182,6 +210,14 @@ class SkippingConfig(Section):
         "without one the run measures them on its first batch."
     )
     target_kl: float = Field(0.1, gt=0.0, description="'adaptive': the KL(mu||pi) per token, in nats, to stay at.")
+    robustness_weight: float = Field(
+        0.0, ge=0.0, description="lambda of the skip-robustness term: > 0 trains a low-rank bridge in place of each "
+        "skipped layer so that the skipped view tracks the policy (the policy itself is untouched); 0: off."
+    )
+    robustness_rank: int = Field(32, ge=1, description="Rank of each skip bridge.")
+    robustness_lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate of the skip bridges.")
+    robustness_rows: int = Field(4, ge=1, description="Completions of each step's batch the term trains on.")
+    robustness_every: int = Field(1, ge=1, description="Train the bridges every N steps.")
 
     @model_validator(mode="after")
     def _check(self) -> SkippingConfig:
@@ -416,7 +452,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_describe(where, e, overrides)) from None
+        raise UserError(describe_validation_error(where, e, overrides, Recipe)) from None
 
 
 def _read_text(path: Path) -> str:
@@ -453,51 +489,3 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         node[parts[-1]] = value
-
-
-def _describe(where: str, error: ValidationError, overrides: list[str]) -> str:
-    """One line for the first validation error: file, dotted field, what was expected, what was found."""
-    errors = error.errors()
-    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a misspelt key explains the rest
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union")) and p not in _TAGS]
-    field = ".".join(loc) or "<top level>"
-    origin = " (from --set)" if any(o.split("=")[0].strip() == field for o in overrides) else ""
-    if err["type"] == "extra_forbidden":
-        return f"{where}: {field}{origin}: unknown key{_suggest(loc)}"
-    found = err.get("input")
-    message = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
-    if err["type"] == "value_error":
-        return f"{where}: {message}" if not loc else f"{where}: {field}{origin}: {message}"
-    why = f" ({_WHY[field]})" if field in _WHY else ""
-    return f"{where}: {field}{origin}: {message}, found {found!r}{why}"
-
-
-_TAGS = ("path", "fields")  # DataSpec's branches, which are no part of a field's name
-
-# Why a bound exists, for the bounds a user may not expect.
-_WHY = {
-    "rollout.num_generations": "group advantages compare the G completions of a prompt, so G >= 2",
-    "rollout.temperature": "greedy sampling would make the G completions of a prompt identical",
-    "objective.epsilon": "the clip range [1 - epsilon, 1 + epsilon_high] needs 1 - epsilon > 0",
-}
-
-
-def _suggest(loc: list[str]) -> str:
-    """' (did you mean 'x'?)' using the valid keys at the misspelt key's level."""
-    model: type[BaseModel] | None = Recipe
-    for part in loc[:-1]:
-        if part.isdigit():  # an item of a list of sections
-            continue
-        field = model.model_fields.get(part)
-        model = _section_in(field.annotation) if field is not None else None
-        if model is None:
-            return ""
-    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(model.model_fields)})"
-
-
-def _section_in(annotation: Any) -> type[BaseModel] | None:
-    """The section a field holds, through optionals, unions, lists and `Annotated` (`lora: LoraSettings | None`)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next(filter(None, map(_section_in, get_args(annotation))), None)

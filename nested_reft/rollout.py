@@ -1,9 +1,10 @@
 """The generation engine: batched sampling with a KV cache, used by train, evaluate and bench.
 
-One left-padded batch holds every prompt repeated `num_generations` times. A prefill pass fills the cache
-and yields only the last position's logits; then tokens are decoded one at a time (`decoding.decode`, the one
-decode loop). Each token is drawn from `sampling.log_probs` (temperature, top-k, top-p), and its
-log-probability under exactly that distribution is recorded as the behavior log-prob `lp_b`. Every step's
+One left-padded batch holds every prompt repeated `num_generations` times. A prefill pass runs each prompt
+once, gives its keys and values to its `num_generations` rows, and yields only the last position's logits; then
+tokens are decoded one at a time (`decoding.decode`, the one decode loop). Each token is drawn from
+`sampling.log_probs` (temperature, top-k, top-p), and its log-probability under exactly that distribution is
+recorded as the behavior log-prob `lp_b`. Every step's
 random number for every row is drawn up front, so a row's tokens do not depend on how the batch around it
 shrinks; with per-prompt `seeds` they do not depend on which other prompts share the batch either (a
 data-parallel rank samples exactly what a single process sampling the whole batch does). Rows that have
@@ -28,7 +29,9 @@ import torch
 from torch import nn
 
 from nested_reft.decoding import DynamicDecodeCache, decode
+from nested_reft.packed_weights import packed_linears
 from nested_reft.sampling import SamplingParams
+from nested_reft.skip_bridges import SkipBridges
 from nested_reft.skipping import decoder_layers, skip_layers, validate_skip_set
 from nested_reft.static_engine import engine_for
 
@@ -49,6 +52,7 @@ class Rollout:
     prefill_seconds: float
     decode_seconds: float
     tokens_generated: int  # completion_mask.sum()
+    compile_seconds: float = 0.0  # of decode_seconds, spent building compiled graphs (compile_layers)
 
     @property
     def tokens_per_second(self) -> float:
@@ -84,6 +88,7 @@ def generate(
     cuda_graphs: str = "auto",
     compile_layers: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    bridges: SkipBridges | None = None,
 ) -> Rollout:
     """Sample `num_generations` completions per prompt with decoder layers `skip` bypassed.
 
@@ -93,9 +98,11 @@ def generate(
     prompt, instead of `seed`) makes each prompt's completions a function of its own seed alone
     (`prompt_uniforms`), whatever else is in the batch. `kv_cache` is "dynamic" or "static"; `cuda_graphs`
     "auto" replays static decoding from CUDA graphs on a CUDA device (never on CPU), "off" runs it eagerly.
-    `compile_layers` (static only, experimental) runs each decoder layer's decode step through torch.compile:
-    one compilation shared by every layer and skip set. `should_stop` (polled at each host read of the
-    finished rows) ends decoding early once it returns True; the rollout then holds what was decoded so far.
+    `compile_layers` (static only; `rollout.compile`) runs each decoder layer's decode step through
+    torch.compile (`compiled_decode`): one compilation shared by every layer and skip set. `should_stop` (polled
+    at each host read of the finished rows) ends decoding early once it returns True; the rollout then holds what
+    was decoded so far. `bridges` run in place of the skipped layers that have one (`skip_bridges`): the
+    behavior model is then the skipped view with its bridges, and `lp_b` is its log-prob.
     """
     _check_arguments(prompts, num_generations, max_new_tokens, min_new_tokens, eos_token_ids)
     if kv_cache not in KV_CACHES or cuda_graphs not in CUDA_GRAPHS:
@@ -120,18 +127,27 @@ def generate(
                               device=device)
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
     skip = validate_skip_set(skip, len(decoder_layers(model)))
-    with _eval_mode(model), (nullcontext() if kv_cache == "static" else skip_layers(model, skip)):
+    kept = [layer for index, layer in enumerate(decoder_layers(model)) if index not in skip]
+    # bf16 weights on CPU are packed for oneDNN once per rollout (packed_weights), except for compiled layers,
+    # whose graphs take the plain weights as inputs.
+    packed = nullcontext() if compile_layers else packed_linears([*kept, model.get_output_embeddings()],
+                                                                  len(prompt_ids))
+    compiling = 0.0
+    with _eval_mode(model), packed, (nullcontext() if kv_cache == "static" else skip_layers(model, skip, bridges)):
         if kv_cache == "static":
             graphs = cuda_graphs == "auto" and device.type == "cuda"
             engine = engine_for(model, len(prompt_ids), prompt_ids.shape[1] + max_new_tokens, graphs=graphs,
                                 compile_layers=compile_layers, skip=skip)
-            cache = engine.begin(skip, params, eos, *prompt_ids.shape, max_new_tokens)
+            cache = engine.begin(skip, params, eos, *prompt_ids.shape, max_new_tokens, bridges=bridges)
+            compiling = engine.compile_seconds
         else:
             cache = DynamicDecodeCache(model, params, eos, max_new_tokens)
         decoded, prefill_seconds, decode_seconds = decode(
             cache, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos=eos,
-            pad_token_id=pad_token_id, uniforms=uniforms, should_stop=should_stop,
+            pad_token_id=pad_token_id, uniforms=uniforms, should_stop=should_stop, group_size=num_generations,
         )
+        if kv_cache == "static":
+            compiling = engine.compile_seconds - compiling
     completion_ids, completion_mask, behavior_log_probs = decoded
     length = int(completion_mask.sum(1).max())
     return Rollout(
@@ -144,6 +160,7 @@ def generate(
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         tokens_generated=int(completion_mask.sum()),
+        compile_seconds=compiling,
     )
 
 

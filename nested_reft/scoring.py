@@ -42,6 +42,8 @@ class ScoredRollout:
     texts: list[str]
     advantages: torch.Tensor  # [B]
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # each reward function's own rewards [B], NaN: None
+    # [B, T] lp_old, recorded by the update for the rows it computed it for (NaN elsewhere); None before the update.
+    old_log_probs: torch.Tensor | None = None
 
 
 def reward_scorer(recipe: Recipe, reward_fn: RewardFn | None = None) -> Scorer:

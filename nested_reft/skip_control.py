@@ -94,8 +94,10 @@ class AdaptiveController:
     """Chooses the number of layers to skip per batch so that the measured KL(mu || pi) stays at `target_kl`.
 
     `count` is the decision for the next batch, always within [min_count, max_count]. `update` takes the
-    count a batch was sampled with and the KL measured on it. The whole state is three numbers, saved in the
-    checkpoint, so a resumed run decides exactly what an uninterrupted one would.
+    count a batch was sampled with and the KL measured on it. The whole state is a few numbers, saved in the
+    checkpoint, so a resumed run decides exactly what an uninterrupted one would. With skip bridges, `update` is
+    also told the measured KL of the next set, which then decides whether to raise (smoothed, as measurements on a
+    few rows are noisy).
     """
 
     costs: LayerCosts
@@ -106,6 +108,9 @@ class AdaptiveController:
     count: int = -1
     log_scale: float = 0.0  # smoothed log(measured KL / additive prediction); 0 until the first measurement
     measured: bool = False
+    # The next set's measured KL (`update`'s candidate), smoothed over the batches that measured that same count.
+    next_count: int = -1
+    next_kl: float = math.inf
     last: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,15 +126,32 @@ class AdaptiveController:
         """The layers to skip in the next batch: the `count` cheapest eligible ones."""
         return self.costs.cheapest(self.count, self.eligible)
 
-    def update(self, used: int, measured_kl: float) -> None:
-        """Learn from a batch sampled with `used` layers skipped whose measured KL(mu || pi) was `measured_kl`."""
+    def next_layers(self) -> tuple[int, ...]:
+        """The set it would try next: the `count + 1` cheapest (the current set when it cannot skip more)."""
+        return self.costs.cheapest(min(self.count + 1, self.max_count), self.eligible)
+
+    def update(self, used: int, measured_kl: float, candidate: tuple[int, float] | None = None) -> None:
+        """Learn from a batch sampled with `used` layers skipped whose measured KL(mu || pi) was `measured_kl`.
+
+        `candidate` (count, KL): the KL of the next set (`next_layers`), measured on the same batch (the skip
+        bridges' training measures it). Raising to `used + 1` then rests on that measurement instead of the
+        prediction: layer costs change as the skipped view learns to track the policy, and a probe made at step 1
+        no longer knows them."""
         predicted = self.costs.total(self.costs.cheapest(used, self.eligible))
         if used > 0 and predicted > 0 and math.isfinite(measured_kl):
             observed = math.log(max(measured_kl, 1e-6) / predicted)
             self.log_scale = observed if not self.measured else self.log_scale + SMOOTHING * (observed - self.log_scale)
             self.measured = True
         best = self._largest_within_target()
-        if best > used:
+        if candidate is not None and math.isfinite(candidate[1]):
+            count, kl = candidate
+            self.next_kl = kl if count != self.next_count else self.next_kl + SMOOTHING * (kl - self.next_kl)
+            self.next_count = count
+        if self.next_count == used + 1:
+            can_raise = self.next_kl <= self.target_kl  # measured (on a few rows, smoothed) beats predicted
+        else:
+            can_raise = best > used
+        if can_raise and used < self.max_count:
             decision, self.count = "raise", max(self.min_count, used + 1)
         elif used > self.min_count and self.predicted_kl(used) > DEAD_BAND * self.target_kl:
             decision, self.count = "lower", min(best, used - 1)
@@ -145,10 +167,12 @@ class AdaptiveController:
         return best
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "log_scale": self.log_scale, "measured": self.measured}
+        return {"count": self.count, "log_scale": self.log_scale, "measured": self.measured,
+                "next_count": self.next_count, "next_kl": self.next_kl}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved state. The saved count is brought within this controller's [min_count,
         max_count]: a run resumed with a narrower `ratio_range` skips within the new range from its first batch."""
         self.log_scale, self.measured = state["log_scale"], state["measured"]
+        self.next_count, self.next_kl = state.get("next_count", -1), state.get("next_kl", math.inf)
         self.count = min(max(state["count"], self.min_count), self.max_count)

@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from nested_reft.errors import UserError
+from nested_reft.skip_bridges import SkipBridges, bridged
 from nested_reft.skip_control import AdaptiveController, LayerCosts
 
 # Causal-LM families whose decoder is `model.model.layers` and whose forward loops over
@@ -68,11 +69,12 @@ def validate_skip_set(layers: Iterable[int], num_layers: int) -> tuple[int, ...]
 
 
 @contextmanager
-def skip_layers(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Module]:
+def skip_layers(model: nn.Module, layers: Iterable[int], bridges: SkipBridges | None = None) -> Iterator[nn.Module]:
     """Run `model` with the given decoder layers bypassed; everything is restored on exit (also on errors).
 
-    Inside the block the model is indistinguishable from a physically truncated copy with renumbered layers.
-    An empty set is a no-op. Not re-entrant: a non-empty set inside another skip_layers block is an error.
+    Inside the block the model is indistinguishable from a physically truncated copy with renumbered layers, or,
+    with `bridges`, from one whose skipped layers are replaced by their bridges (`skip_bridges`). An empty set is
+    a no-op. Not re-entrant: a non-empty set inside another skip_layers block is an error.
     """
     all_layers = decoder_layers(model)
     skip = validate_skip_set(layers, len(all_layers))
@@ -96,7 +98,8 @@ def skip_layers(model: nn.Module, layers: Iterable[int]) -> Iterator[nn.Module]:
         config.num_hidden_layers = len(kept)
         if saved_layer_types is not None:
             config.layer_types = [saved_layer_types[index] for index, _ in kept]
-        yield model
+        with bridged(list(all_layers), decoder.norm, skip, bridges):
+            yield model
     finally:
         decoder.layers = all_layers
         for old_index, modules in indexed:
@@ -226,12 +229,19 @@ class SkipSampler:
             skipped = self._rng.sample(pool, k)
         return ratio, tuple(sorted(skipped))
 
-    def observe(self, skipped: tuple[int, ...], kl_mu_pi: float) -> dict[str, Any]:
-        """Report the KL(mu || pi) measured on a batch sampled with `skipped`; returns the controller's
-        target and decision for the metrics row (empty for strategies without a controller)."""
+    def next_layers(self, skipped: tuple[int, ...]) -> tuple[int, ...]:
+        """The set worth making cheaper after a batch sampled with `skipped`: under `adaptive`, the one its controller
+        would try next (one layer more, the cheapest); otherwise the batch's own."""
+        return self.controller.next_layers() if self.controller is not None else skipped
+
+    def observe(self, skipped: tuple[int, ...], kl_mu_pi: float,
+                candidate: tuple[tuple[int, ...], float] | None = None) -> dict[str, Any]:
+        """Report the KL(mu || pi) measured on a batch sampled with `skipped` (and, as `candidate`, the KL of the
+        `next_layers` set measured on it); returns the controller's target and decision for the metrics row
+        (empty for strategies without a controller)."""
         if self.controller is None:
             return {}
-        self.controller.update(len(skipped), kl_mu_pi)
+        self.controller.update(len(skipped), kl_mu_pi, (len(candidate[0]), candidate[1]) if candidate else None)
         return {"target_kl": self.target_kl, "skip_decision": self.controller.last["decision"],
                 "next_num_skipped": self.controller.count,
                 "kl_predicted_next": self.controller.last["kl_predicted_next"]}

@@ -76,6 +76,14 @@ class StaticKVCache:
             for buffer in (self.keys[layer], self.values[layer]):
                 buffer[:count, :, :filled] = buffer[rows, :, :filled]  # the gather copies first: no aliasing
 
+    def repeat_rows(self, layers: list[int], rows: int, repeats: int, filled: int) -> None:
+        """Spread rows [0, rows) of `layers` over rows [0, rows * repeats), each repeated `repeats` times in a
+        row (row r to rows [r * repeats, (r + 1) * repeats)); only the first `filled` slots are copied."""
+        for layer in layers:
+            for buffer in (self.keys[layer], self.values[layer]):
+                # repeat_interleave copies first: no aliasing
+                buffer[: rows * repeats, :, :filled] = buffer[:rows, :, :filled].repeat_interleave(repeats, dim=0)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

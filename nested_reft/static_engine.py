@@ -21,16 +21,20 @@ serves the architectures whose model forward is exactly `embed -> rotary -> laye
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
+from nested_reft.compiled_decode import DECODE_ATTENTION, CompiledUnit, attention_implementation
 from nested_reft.decode_graphs import DecodeGraphs
 from nested_reft.decoding import COMPACT_FRACTION, cache_keyword
 from nested_reft.errors import UserError
+from nested_reft.models import cache_dir
 from nested_reft.sampling import MASKED_LOGIT, SamplingParams, sample_tokens
+from nested_reft.skip_bridges import SkipBridges
 from nested_reft.skipping import decoder_layers
 from nested_reft.static_cache import AttentionMasks, StaticKVCache, prefill_mask
 
@@ -159,14 +163,15 @@ class StaticEngine:
     ) -> None:
         """`graphs`: capture and replay CUDA graphs. `bucketed` (implied by graphs): run the very calls that
         graphs capture (batch buckets, whole-length masked reads) eagerly, e.g. to test them on CPU.
-        `compile_layers`: decode steps run the layer unit through torch.compile (one compiled graph shared by
-        every layer; batch size symbolic so that the buckets share it too); prefill stays eager. `skip`: layers
+        `compile_layers`: decode steps run the layer unit through torch.compile (`compiled_decode`: one compiled
+        graph shared by every layer; batch size symbolic so that the buckets share it too); prefill stays eager.
+        `skip`: layers
         the current rollout skips, which the engine must not call while it sizes its buffers (a sharded model
         gathers only the layers it keeps)."""
         self.parts = parts = decoder_parts(model)
         self.bucketed = bucketed or graphs
-        self.compiled = compile_layers
-        self._layer_unit = torch.compile(layer_unit, dynamic=True) if compile_layers else layer_unit
+        self.compiled = CompiledUnit(layer_unit, cache_dir() / "compiled") if compile_layers else None
+        self._layer_unit = self.compiled or layer_unit
         self.device = device = next(model.parameters()).device
         self.batch, self.length = batch, length
         self.signature = _signature(model, graphs)
@@ -211,9 +216,20 @@ class StaticEngine:
         view = self.cache.view(index, width, self.write_index, read_length)
         hidden = self.hidden[:width]
         position_embeddings = (self.cos[:width], self.sin[:width])
+        additive_mask = self.parts.attention == "eager" and self.compiled is None  # decode_attention takes bools
         out = self._layer_unit(self.parts.layers[index], hidden, position_embeddings, self.positions[:width], mask,
-                               view, self.parts.cache_keyword, self.parts.attention == "eager")
+                               view, self.parts.cache_keyword, additive_mask)
         hidden.copy_(out)
+
+    def _bridge(self, index: int, width: int) -> None:
+        hidden = self.hidden[:width]
+        hidden.copy_(self.bridges[index](hidden))
+
+    def _decode_attention(self):
+        """The attention decode steps run: compiled, `compiled_decode.decode_attention`; else the model's own."""
+        if self.compiled is None:
+            return nullcontext()
+        return attention_implementation(self.parts.layers[0].self_attn.config, DECODE_ATTENTION)
 
     def _head(self, width: int, params: SamplingParams) -> None:
         token, log_prob = head_unit(
@@ -232,7 +248,8 @@ class StaticEngine:
             for index, window in enumerate(self.parts.windows):
                 mask = self.masks.get(window, width, None)
                 units[("layer", index, width)] = partial(self._layer, index, width, None, mask)
-        self.graphs.capture(units)
+        with self._decode_attention():
+            self.graphs.capture(units)
 
     def _capture_heads(self, params: SamplingParams) -> None:
         """Head graphs for `params` (sampling settings change the captured ops), once per settings."""
@@ -241,30 +258,50 @@ class StaticEngine:
         if missing:
             self.graphs.capture(missing)
 
+    def _capture_bridges(self) -> None:
+        """Graphs of this rollout's bridges (bound to their parameters, which the optimiser updates in place)."""
+        missing = {self._bridge_key(index, width): partial(self._bridge, index, width)
+                   for kind, index in self.plan if kind == "bridge" for width in batch_buckets(self.batch)
+                   if self._bridge_key(index, width) not in self.graphs}
+        if missing:
+            self.graphs.capture(missing)
+
+    def _bridge_key(self, index: int, width: int) -> tuple:
+        return ("bridge", id(self.bridges), index, width)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Wall time spent building compiled graphs of the layer unit so far (0 when not compiled)."""
+        return self.compiled.compile_seconds if self.compiled is not None else 0.0
+
     def graph_stats(self) -> dict[str, float]:
         return self.graphs.stats() if self.graphs is not None else {"graphs": 0}
 
     # -- the decode loop's cache interface (decoding.DecodeCache) --
 
     def begin(self, skip: tuple[int, ...], params: SamplingParams, eos: torch.Tensor, batch: int,
-              prompt_width: int, max_new_tokens: int) -> StaticEngine:
-        """Set up a rollout of `batch` prompts of `prompt_width` tokens with layers `skip` bypassed; returns self,
-        ready for `decoding.decode`."""
+              prompt_width: int, max_new_tokens: int, bridges: SkipBridges | None = None) -> StaticEngine:
+        """Set up a rollout of `batch` prompts of `prompt_width` tokens with layers `skip` bypassed (replaced by
+        their `bridges`, when given); returns self, ready for `decoding.decode`."""
         if batch > self.batch or prompt_width + max_new_tokens > self.length:
             raise ValueError(f"rollout of {batch} x {prompt_width + max_new_tokens} exceeds the engine's "
                              f"{self.batch} x {self.length}")
-        if self.graphs is not None:
-            self._capture_heads(params)  # before any state is set: warm-up runs overwrite buffers
         skipped = set(skip)
         self.kept = [index for index in range(len(self.parts.layers)) if index not in skipped]
+        self.bridges = bridges
+        self.plan = bridges.plan(skip, len(self.parts.layers)) if bridges else [("layer", i) for i in self.kept]
+        if self.graphs is not None:  # before any state is set: warm-up runs overwrite buffers
+            self._capture_heads(params)
+            self._capture_bridges()
         self.params = params
         self.is_eos.zero_()
         self.is_eos[eos[eos < len(self.is_eos)]] = True  # an id outside the vocabulary can never be drawn
         return self
 
-    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
-        """Run the prompts through the kept layers (eagerly, any mode), filling cache slots [0, P); returns the
-        starting width: the batch, or its bucket when bucketed (the slots past the batch idle)."""
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int = 1) -> int:
+        """Run the prompts through the kept layers (eagerly, any mode), filling cache slots [0, P), each group of
+        `group_size` identical rows from one run of its prompt; returns the starting width: the batch, or its
+        bucket when bucketed (the slots past the batch idle)."""
         batch, self.prompt_width = prompt_ids.shape
         width = self._start_width(batch)
         self.steps = 0
@@ -274,7 +311,10 @@ class StaticEngine:
         self.masks.start(prompt_mask)
         self.slot_padded[:batch] = ~prompt_mask.bool().all(1)
         self.padded = self._padded(batch)
-        self._prefill(prompt_ids, prompt_mask)
+        self._prefill(prompt_ids[::group_size], prompt_mask[::group_size])
+        if group_size > 1:  # rows [0, batch / group_size) hold one per prompt: spread them over their groups
+            self.cache.repeat_rows(self.kept, batch // group_size, group_size, filled=self.prompt_width)
+            self.hidden[:batch] = self.hidden[: batch // group_size].repeat_interleave(group_size, dim=0)
         return width
 
     def sample(self, uniform: torch.Tensor, ban_eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +331,7 @@ class StaticEngine:
         width = len(token)
         self.token[:width].copy_(token)
         self.steps += 1
-        self._run_body(width, self.kept, read_length=self.prompt_width + self.steps, padded=self.padded)
+        self._run_body(width, self.plan, read_length=self.prompt_width + self.steps, padded=self.padded)
         self.positions[:width] += 1
         self.write_index += 1
 
@@ -314,8 +354,8 @@ class StaticEngine:
         graph engine whose head graphs for `params` exist (any earlier rollout made them)."""
         if not self.bucketed:
             raise ValueError("decode_step needs a bucketed or graph engine")
-        kept = [index for index in range(len(self.parts.layers)) if index not in set(skip)]
-        self._run_body(width, kept, read_length=self.length, padded=True)
+        plan = [("layer", index) for index in range(len(self.parts.layers)) if index not in set(skip)]
+        self._run_body(width, plan, read_length=self.length, padded=True)
         self.sample(self.uniform[:width].clone(), ban_eos=False)
 
     def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
@@ -327,7 +367,10 @@ class StaticEngine:
         masks = {window: prefill_mask(prompt_mask, window) if padded or (window is not None and width >= window)
                  else None for window in set(self.parts.windows)}
         write = torch.arange(width, device=self.device)
-        for index in self.kept:
+        for kind, index in self.plan:
+            if kind == "bridge":
+                hidden = self.bridges[index](hidden)
+                continue
             view = self.cache.view(index, batch, write, width)
             hidden = layer_unit(self.parts.layers[index], hidden, position_embeddings, positions,
                                 masks[self.parts.windows[index]], view, self.parts.cache_keyword,
@@ -337,25 +380,30 @@ class StaticEngine:
                                    f"(transformers did not pass `{self.parts.cache_keyword}` through)")
         self.hidden[:batch].copy_(hidden[:, -1:])
 
-    def _run_body(self, width: int, kept: list[int], read_length: int, padded: bool) -> None:
-        """Embed the current tokens and run the kept layers: write slot `write_index`, leave hidden states."""
+    def _run_body(self, width: int, plan: list[tuple[str, int]], read_length: int, padded: bool) -> None:
+        """Embed the current tokens and run `plan` (kept layers, and bridges in place of skipped ones): write slot
+        `write_index`, leave hidden states."""
+        with self._decode_attention():
+            self._run_plan(width, plan, read_length, padded)
+
+    def _run_plan(self, width: int, plan: list[tuple[str, int]], read_length: int, padded: bool) -> None:
         if self.graphs is not None:
             self.graphs.replay(("embed", width))
-            for index in kept:
-                self.graphs.replay(("layer", index, width))
+            for kind, index in plan:
+                self.graphs.replay(("layer", index, width) if kind == "layer" else self._bridge_key(index, width))
             return
         self._embed(width)
-        if self.bucketed:
-            for index in kept:
-                self._layer(index, width, None, self.masks.get(self.parts.windows[index], width, None))
-            return
         masks = {}
         for window in set(self.parts.windows):
-            # As transformers does: no mask when no slot is hidden (sdpa then attends to every key).
-            needed = padded or (window is not None and read_length >= window)
-            masks[window] = self.masks.get(window, width, read_length) if needed else None
-        for index in kept:
-            self._layer(index, width, read_length, masks[self.parts.windows[index]])
+            # As transformers does: no mask when no slot is hidden (sdpa then attends to every key). Bucketed steps
+            # read the whole length under their mask, as graphs do.
+            needed = self.bucketed or padded or (window is not None and read_length >= window)
+            masks[window] = self.masks.get(window, width, None if self.bucketed else read_length) if needed else None
+        for kind, index in plan:
+            if kind == "bridge":
+                self._bridge(index, width)
+            else:
+                self._layer(index, width, None if self.bucketed else read_length, masks[self.parts.windows[index]])
 
     def _start_width(self, batch: int) -> int:
         if not self.bucketed:

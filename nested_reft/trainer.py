@@ -7,6 +7,7 @@ One step, top to bottom (`_step`):
              -> num_iterations passes of micro-batched PPO-clipped updates over the rows with signal, each
                 token weighted by an importance-correction weight w(lp_old, lp_b) that accounts for sampling
                 from mu_S, not pi_theta (update)
+             -> the skip bridges learn to make the next skip set track the policy (`skipping.robustness_weight`)
              -> the skip controller reads the measured KL(mu || pi) (strategy `adaptive`)
              -> metrics row (with a one-line warning when the run cannot learn), trackers, rollouts
 
@@ -51,10 +52,11 @@ from nested_reft.memory import set_gradient_checkpointing
 from nested_reft.models import base_model_path, disable_dropout, load_model, peak_memory_mb, reset_peak_memory
 from nested_reft.parallel import Parallel
 from nested_reft.preflight import check_parallel
-from nested_reft.precision import MasterWeights, resolve_runtime
+from nested_reft.precision import MasterWeights, keeps_fp32_head, resolve_runtime
 from nested_reft.prompts import encode_prompts, eos_token_ids
 from nested_reft.recipe import Recipe
 from nested_reft.rollout import Rollout, generate
+from nested_reft.robustness import Robustness
 from nested_reft.rundir import RunDir, resolve_model_path
 from nested_reft.sampling import SamplingParams
 from nested_reft.scoring import RewardFn, Scorer, batch_metrics, reward_scorer, save_rollouts, score
@@ -169,7 +171,9 @@ def _step(s: Session, step: int, stops: StopCheck) -> dict[str, Any]:
             num_generations=group_size, max_new_tokens=recipe.rollout.max_completion_length, params=s.params,
             eos_token_ids=s.eos, pad_token_id=state.tokenizer.pad_token_id, skip=skip,
             seeds=[sampling_seed(recipe.run.seed, step, first_group + g) for g in range(len(examples))],
-            kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs, should_stop=stops.local)
+            kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs, should_stop=stops.local,
+            compile_layers=recipe.rollout.compile == "on",
+            bridges=state.robustness.bridges if state.robustness else None)
         stops.check()
         t1 = time.perf_counter()
         if state.sampler.needs_costs:  # once per run: per-layer skip costs, measured on this full-model batch
@@ -185,18 +189,26 @@ def _step(s: Session, step: int, stops: StopCheck) -> dict[str, Any]:
     stops.check()
     stats = optimise(state.model, s.reference, state.optimizer, state.scheduler, batch, recipe, s.params,
                      state.masters, policy=state.policy, stop=stops)
-    control = state.sampler.observe(skip, stats["kl_mu_pi"])  # the global KL: every rank's controller agrees
     t4 = time.perf_counter()
+    robust = {}
+    if state.robustness is not None and state.robustness.due(step) and (target := state.sampler.next_layers(skip)):
+        robust = state.robustness.step(state.model, batch, target, s.params, state.policy,
+                                       recipe.objective.logprob_chunk_size)
+    measured_next = (robust["robust_skipped_layers"], robust["robust_kl_mu_pi"]) if robust else None
+    # The global KLs: every rank's controller agrees.
+    control = state.sampler.observe(skip, stats["kl_mu_pi"], measured_next)
+    t5 = time.perf_counter()
 
     # The slowest rank sets the pace; tokens/sec is the whole batch's tokens over that time.
-    times = world.max(t1 - t0, t2 - t1, t3 - t2, t4 - t3, rollout.prefill_seconds + rollout.decode_seconds,
+    times = world.max(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, rollout.prefill_seconds + rollout.decode_seconds,
                       peak_memory_mb(state.device))
     row: dict[str, Any] = {
-        "step": step, **batch_metrics(batch, group_size, world), "skip_ratio": ratio,
-        "skipped_layers": list(skip), **stats, **control, "lr": state.scheduler.get_last_lr()[0],
+        "step": step, **batch_metrics(batch, group_size, world), "skip_ratio": ratio, "num_skipped": len(skip),
+        "skipped_layers": list(skip), **stats, **robust, **control, "lr": state.scheduler.get_last_lr()[0],
         "time_generate": times[0], "time_probe": times[1], "time_score": times[2], "time_train": times[3],
-        "rollout_tokens_per_sec": world.sum(rollout.tokens_generated)[0] / times[4] if times[4] > 0 else 0.0,
-        "peak_memory_mb": times[5],  # of this step: the peak is reset when the step starts
+        **({"time_robust": times[4]} if state.robustness is not None else {}),
+        "rollout_tokens_per_sec": world.sum(rollout.tokens_generated)[0] / times[5] if times[5] > 0 else 0.0,
+        "peak_memory_mb": times[6],  # of this step: the peak is reset when the step starts
     }
     if s.eval_examples and step % recipe.train.eval_every == 0:
         row["eval_pass@1"] = _evaluate(s, step)
@@ -219,7 +231,8 @@ def _evaluate(s: Session, step: int) -> float:
         report = s.world.on_main(lambda: evaluate_examples(
             state.model, state.tokenizer, s.eval_examples, recipe.data,
             max_new_tokens=recipe.rollout.max_completion_length, reward_cfg=recipe.reward, seed=recipe.run.seed,
-            kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs))
+            kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs,
+            compile_layers=recipe.rollout.compile == "on"))
     if s.world.is_main:
         s.run.write_report(f"eval-step-{step}", report.to_dict(model=str(s.source), data=recipe.data.eval))
     return report.metrics["pass@1"]
@@ -248,7 +261,8 @@ def _start(recipe: Recipe, world: World, *, resume: bool, overwrite: bool, rewar
     source = resolve_model_path(recipe.model.name_or_path)
     model, tokenizer, adapters, reference = _load_policy(recipe, world, source, checkpoint)
     policy = Parallel(model, world, recipe.train.parallel)  # ddp: replicas made equal; fsdp: layers sharded
-    masters = MasterWeights(model, recipe.model.mixed_precision)  # compute dtype in the model, masters for AdamW
+    masters = MasterWeights(model, recipe.model.mixed_precision,  # compute dtype in the model, masters for AdamW
+                            fp32_head=keeps_fp32_head(recipe.model))
     set_gradient_checkpointing(model, recipe.train.gradient_checkpointing)
     sampler = SkipSampler.from_config(recipe.skipping, len(decoder_layers(model)), recipe.run.seed)
     costs_path = run.reports_dir / LAYER_COSTS
@@ -260,8 +274,9 @@ def _start(recipe: Recipe, world: World, *, resume: bool, overwrite: bool, rewar
     total_updates = recipe.train.steps * recipe.objective.num_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, total_updates, opt.schedule))
     device = next(model.parameters()).device
+    robustness = Robustness(model, recipe.skipping, sampler.eligible, world) if recipe.skipping.robustness_weight else None
     state = TrainingState(model, tokenizer, adapters, masters, policy, optimizer, scheduler, stream, sampler, world,
-                          device)
+                          device, robustness)
     start, elapsed_before = 0, 0.0
     if checkpoint is not None:
         start = state.load(checkpoint)
@@ -297,7 +312,8 @@ def _load_policy(recipe: Recipe, world: World, source: str,
         if adapters is not None:
             reference = adapters.reference
         else:
-            ref_model, _ = load_model(source, dtype=cfg.dtype, device=where, mixed_precision=cfg.mixed_precision)
+            ref_model, _ = load_model(source, dtype=cfg.dtype, device=where, mixed_precision=cfg.mixed_precision,
+                                      head_dtype=cfg.head_dtype)
             ref_model.requires_grad_(False)
             reference = lambda: nullcontext(ref_model)  # noqa: E731
     return model, tokenizer, adapters, reference

@@ -7,7 +7,7 @@ sampled from the layer-skipped mu_S rather than pi_theta (`objective`). `optimis
     plan the rows (`UpdatePlan`) -> lp_old and lp_ref without gradients -> per pass: micro-batched backward
     passes, then one optimiser step -> statistics of the batch
 
-Four things make this more than a loop over micro-batches:
+Five things make this more than a loop over micro-batches:
 
 - **No update without signal.** With beta = 0 every term of a row's loss is multiplied by its advantage, so a row
   with advantage 0 (every row of a group whose rewards are all equal) adds exactly 0 to the loss and gradient.
@@ -26,6 +26,14 @@ Four things make this more than a loop over micro-batches:
   every rank.
 - **No host sync per micro-batch.** Losses, clip counts and KL sums accumulate on the device and are read once
   per pass, so a GPU never waits for the host between micro-batches.
+- **No padding computed.** A batch is [left-padded prompts | right-padded completions], as wide as its longest
+  prompt plus its longest completion. Rows are grouped into micro-batches by length, longest first, and each
+  micro-batch is trimmed to its own widest prompt and longest completion (`MicroBatch`): bucketing. Packing
+  rows into one sequence would leave no padding at all, but attention then spans the whole packed length under
+  a block-diagonal mask: on the quickstart's batches (benchmarks/update_padding.py) packing measured 1.33x slower
+  than full width, bucketing as fast where there was little to trim, and faster the shorter completions get.
+  Trimming changes no row's values: positions come from the attention mask, and the dropped columns are masked
+  keys or right padding that causal attention never reads.
 
 lp_old (the policy before the update, no grad) of a trained row equals the detached lp of the first pass, which
 saves a forward unless there are several passes. With the empty skip set the behavior policy *is* pi_old, so lp_b
@@ -45,6 +53,7 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -84,6 +93,15 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[i
 
 
 @dataclass
+class MicroBatch:
+    """Rows that run one forward (and backward) together, and the columns they need."""
+
+    rows: torch.Tensor  # indices into the batch, on its device
+    left: int  # leading columns that are prompt padding in every one of these rows
+    width: int  # completion columns up to the longest completion among them
+
+
+@dataclass
 class UpdatePlan:
     """Which rows of this rank's batch the update trains and measures, and the global counts the loss divides by."""
 
@@ -100,6 +118,8 @@ class UpdatePlan:
     num_sequences: int  # the whole batch's (every rank's)
     num_tokens: int
     signal: bool  # some rank has a row with signal
+    prompt_lengths: list[int]  # each row's, on the host
+    completion_lengths: list[int]
 
     @classmethod
     def of(cls, batch: ScoredRollout, group_size: int, world, *, skip_zero_advantage: bool, beta: float) -> UpdatePlan:
@@ -115,19 +135,40 @@ class UpdatePlan:
         # A silent group's measured row stands for all G of its rows: the statistics are the batch's as sampled.
         row_weight = torch.where(silent, float(group_size), trained.float())
         train_rows, measure_rows = trained.nonzero().squeeze(1), silent.nonzero().squeeze(1)
-        n_seq, n_tok, n_train = world.sum(input_ids.shape[0], mask.sum().item(), len(train_rows))
+        prompt_lengths, completion_lengths = torch.stack([r.prompt_mask.sum(1), mask.sum(1)]).tolist()
+        n_seq, n_tok, n_train = world.sum(input_ids.shape[0], sum(completion_lengths), len(train_rows))
         return cls(input_ids, attention, r.prompt_ids.shape[1], mask, advantages, r.behavior_log_probs,
-                   not off_policy, train_rows, measure_rows, row_weight, int(n_seq), int(n_tok), n_train > 0)
+                   not off_policy, train_rows, measure_rows, row_weight, int(n_seq), int(n_tok), n_train > 0,
+                   prompt_lengths, completion_lengths)
 
-    def micro_batches(self, rows: torch.Tensor, size: int) -> list[torch.Tensor]:
-        return list(rows.split(size)) if len(rows) else []
+    def micro_batches(self, rows: torch.Tensor, size: int) -> list[MicroBatch]:
+        """`rows` in micro-batches of at most `size`, longest rows first, so that rows of similar length share one
+        (stable: rows of equal length keep their order). One host read of `rows` and one copy back per call,
+        none per micro-batch."""
+        order = sorted(rows.tolist(), key=lambda row: -(self.prompt_lengths[row] + self.completion_lengths[row]))
+        ordered = torch.tensor(order, dtype=torch.long, device=rows.device)
+        return [MicroBatch(ordered[start : start + size],
+                           left=self.prompt_width - max(self.prompt_lengths[row] for row in chunk),
+                           width=max(1, max(self.completion_lengths[row] for row in chunk)))
+                for start in range(0, len(order), size) if (chunk := order[start : start + size])]
+
+    def log_probs(self, compute: Callable[..., torch.Tensor], batch: MicroBatch, params: SamplingParams,
+                  chunk_size: int) -> torch.Tensor:
+        """`compute(input_ids, attention_mask, prompt_len, params, chunk_size)` (completion log-probs) on the
+        micro-batch's rows and columns only; [rows, T] like the batch, 0 past the micro-batch's longest
+        completion (right padding of every one of its rows)."""
+        end = self.prompt_width + batch.width
+        lp = compute(self.input_ids[batch.rows, batch.left : end], self.attention[batch.rows, batch.left : end],
+                     self.prompt_width - batch.left, params, chunk_size)
+        return torch.nn.functional.pad(lp, (0, self.mask.shape[1] - batch.width))
 
 
 def optimise(model, reference: Reference | None, optimizer, scheduler, batch: ScoredRollout, recipe: Recipe,
              params: SamplingParams, masters: MasterWeights | None = None, *, policy: Parallel | None = None,
              skip_zero_advantage: bool = True, stop: StopCheck | None = None) -> dict[str, Any]:
     """Update the policy on this rank's part of a scored batch (see the module docstring); returns the metrics
-    of the whole batch: correction statistics, loss, grad norm, clip fraction, trained rows, skipped updates.
+    of the whole batch: correction statistics, loss, grad norm, clip fraction, trained rows, skipped updates. The
+    lp_old it computed is recorded on the batch (`old_log_probs`).
     Raises `stopping.StepAbandoned`, with no weight changed, when a stop was requested on any rank."""
     masters = masters or MasterWeights(model, "no")
     policy = policy or no_parallel(model)
@@ -160,6 +201,8 @@ def optimise(model, reference: Reference | None, optimizer, scheduler, batch: Sc
             nonfinite += 1
         scheduler.step()
     model.eval()
+    computed = plan.row_weight > 0  # trained rows, and the measured silent ones
+    batch.old_log_probs = lp_old.masked_fill(~computed[:, None], math.nan)
     return _statistics(plan, lp_old, sums, correction, policy.world, reference is not None) | {
         "grad_norm": grad_norm, "update_skipped": not plan.signal, "nonfinite_updates": nonfinite}
 
@@ -174,15 +217,15 @@ def _log_probs_without_grad(model, reference: Reference | None, policy: Parallel
     lp_ref = None
     rows = plan.measure_rows if obj.num_iterations == 1 else torch.cat([plan.measure_rows, plan.train_rows])
     with torch.no_grad(), policy.gathered():
-        for chunk in plan.micro_batches(rows, mb):
-            lp_old[chunk] = completion_log_probs(model, plan.input_ids[chunk], plan.attention[chunk],
-                                                 plan.prompt_width, params, obj.logprob_chunk_size)
+        for batch in plan.micro_batches(rows, mb):
+            lp_old[batch.rows] = plan.log_probs(partial(completion_log_probs, model), batch, params,
+                                                obj.logprob_chunk_size)
         if reference is not None:
             lp_ref = torch.zeros_like(lp_old)
             with reference() as ref_model:
-                for chunk in plan.micro_batches(plan.train_rows, mb):
-                    lp_ref[chunk] = completion_log_probs(ref_model, plan.input_ids[chunk], plan.attention[chunk],
-                                                         plan.prompt_width, params, obj.logprob_chunk_size)
+                for batch in plan.micro_batches(plan.train_rows, mb):
+                    lp_ref[batch.rows] = plan.log_probs(partial(completion_log_probs, ref_model), batch, params,
+                                                        obj.logprob_chunk_size)
     return lp_old, lp_ref
 
 
@@ -195,16 +238,16 @@ def _backward_passes(policy: Parallel, masters: MasterWeights, optimizer, plan: 
     obj = recipe.objective
     optimizer.zero_grad(set_to_none=True)
     sums = torch.zeros(3, dtype=torch.float32, device=plan.mask.device)
-    for rows in policy.pad(plan.micro_batches(plan.train_rows, recipe.train.micro_batch_size)):
-        if rows is None:  # sharded, with fewer micro-batches than another rank: join its collectives, add 0
+    for batch in policy.pad(plan.micro_batches(plan.train_rows, recipe.train.micro_batch_size)):
+        if batch is None:  # sharded, with fewer micro-batches than another rank: join its collectives, add 0
             dummy = plan.train_rows.new_zeros(1)
             masters.backward(policy.log_probs(plan.input_ids[dummy], plan.attention[dummy], plan.prompt_width, params,
                                               obj.logprob_chunk_size).sum() * 0.0)
             continue
         if stop is not None and stop.local() and not policy.sharded:  # sharded passes are collectives: go on
             break
-        lp = policy.log_probs(plan.input_ids[rows], plan.attention[rows], plan.prompt_width, params,
-                              obj.logprob_chunk_size)
+        rows = batch.rows
+        lp = plan.log_probs(policy.log_probs, batch, params, obj.logprob_chunk_size)
         if obj.num_iterations == 1:
             lp_old[rows] = lp.detach()
         old, mask = lp_old[rows], plan.mask[rows]

@@ -66,6 +66,14 @@ def test_bench_report_and_plot(tmp_path, what):
         assert c["speedup"] == pytest.approx(statistics.median(n / b for n, b in zip(r["tokens_per_sec_repeats"], base)))
     if what == "train":
         assert all(r["step_seconds"] >= r["generate_seconds"] for r in out["results"])
+    parts = ["prefill", "decode"] + (["train"] if what == "train" else [])
+    assert out["settings"]["matmul_peak_gflops"] > 0 and out["settings"]["peak_dtype"] == "float32"
+    for r in out["results"]:  # the step split: each part's rate and its model FLOPs over the probed peak
+        assert all(r[f"{p}_tokens_per_sec"] > 0 and r[f"{p}_peak_fraction"] > 0 for p in parts), r
+    generated = out["settings"]["sequences"] * out["settings"]["completion_length"]  # fixed-length work
+    assert out["results"][0]["decode_tokens_per_sec"] == pytest.approx(generated / out["results"][0]["decode_seconds"],
+                                                                       rel=0.5)  # medians of per-repeat figures
+    assert "step split: peak" in result.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_table_in_full(result.output, out, what)  # CliRunner's output is not a terminal: like a log file
 
@@ -125,7 +133,7 @@ def test_bench_train_reports_precision_and_memory_with_and_without_checkpointing
         "--set", "train.prompts_per_step=2",
     ])
     assert result.exit_code == 0, result.output
-    assert "precision: bf16 compute, float32 master weights" in result.output
+    assert "precision: bf16 compute (bf16 LM head), float32 master weights" in result.output
     out = json.loads(report.read_text())
     assert out["settings"]["mixed_precision"] == "bf16" and "VmHWM" in out["settings"]["peak_memory"]
     assert [(r["mode"], r["gradient_checkpointing"]) for r in out["results"]] == [

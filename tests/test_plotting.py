@@ -66,3 +66,25 @@ def test_plot_writes_the_format_its_suffix_names(tmp_path, capsys):
         assert out.read_bytes().startswith(magic), suffix
     code, _, err = run_cli(["plot", str(run), "--out", str(tmp_path / "runs.jpeg")], capsys)
     assert code == 2 and "expected a .png, .svg or .pdf file name" in err and not (tmp_path / "runs.jpeg").exists()
+
+
+def test_runs_that_differ_only_by_seed_are_one_arm(tmp_path):
+    import yaml
+
+    from nested_reft.plotting import arms, read_runs, smoothed
+
+    paths = []
+    for name, seed, target in [("adaptive-s0", 0, 0.2), ("adaptive-s1", 1, 0.2), ("robust-s0", 0, 0.3)]:
+        run = write_run(tmp_path / name)
+        (run / "recipe.yaml").write_text(yaml.safe_dump({"run": {"seed": seed, "output_dir": str(run)},
+                                                         "skipping": {"target_kl": target}}))
+        paths.append(run)
+    assert arms(paths, read_runs(paths)) == {"adaptive": ["adaptive-s0", "adaptive-s1"], "robust": ["robust-s0"]}
+    assert smoothed([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_plot_draws_arms_with_bands_and_smoothing(tmp_path, capsys):
+    runs = [write_run(tmp_path / f"arm-s{seed}", skip=0.1 * seed) for seed in range(3)]
+    out = tmp_path / "arms.png"
+    code, _, err = run_cli(["plot", *map(str, runs), "--out", str(out), "--smooth", "3"], capsys)
+    assert code == 0 and out.read_bytes().startswith(b"\x89PNG"), err

@@ -11,7 +11,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from nested_reft import precision
 from nested_reft.errors import UserError
 from nested_reft.objective import completion_log_probs
-from nested_reft.precision import MasterWeights, cast_for_inference, resolve_mixed_precision, resolve_runtime
+from nested_reft.precision import (
+    MasterWeights,
+    cast_for_inference,
+    resolve_head_dtype,
+    resolve_mixed_precision,
+    resolve_runtime,
+)
 from nested_reft.recipe import load_recipe
 from nested_reft.rollout import generate
 from nested_reft.sampling import SamplingParams
@@ -83,13 +89,52 @@ def test_recipe_resolution_writes_the_choice_and_start_up_lines(native_cpu):
     resolved, lines = resolve_runtime(recipe)
     assert resolved.model.mixed_precision == "bf16" and recipe.model.mixed_precision == "auto"  # a copy
     assert resolved.train.gradient_checkpointing is False  # auto: off on CPU
-    assert lines == ["precision: bf16 compute, float32 master weights and optimiser states"]
+    assert lines == ["precision: bf16 compute (bf16 LM head), float32 master weights and optimiser states"]
+    assert resolved.model.head_dtype == "compute" and "head_dtype: compute" in resolved.to_yaml()
     assert "mixed_precision: bf16" in resolved.to_yaml() and "gradient_checkpointing: false" in resolved.to_yaml()
     native_cpu(False)
     resolved, lines = resolve_runtime(recipe)
     assert resolved.model.mixed_precision == "no" and len(lines) == 2 and "auto" in lines[1]
     pure = load_recipe(None, ["model.device=cpu", "model.mixed_precision=no", "model.dtype=bfloat16"])
     assert "small updates are lost" in resolve_runtime(pure)[1][0]
+
+
+def test_head_dtype_auto_is_the_compute_dtype_and_float32_without_mixed_precision():
+    assert resolve_head_dtype("auto", "bf16") == "compute" and resolve_head_dtype("auto", "fp16") == "compute"
+    assert resolve_head_dtype("float32", "bf16") == "float32" and resolve_head_dtype("compute", "bf16") == "compute"
+    assert resolve_head_dtype("compute", "no") == "float32"  # nothing is cast without mixed precision
+    kept = load_recipe(None, ["model.device=cpu", "model.mixed_precision=bf16", "model.head_dtype=float32"])
+    assert resolve_runtime(kept)[1][0] == "precision: bf16 compute (float32 LM head), float32 master weights and " \
+                                          "optimiser states"
+    with pytest.raises(UserError, match=r"model.head_dtype \(from --set\): expected 'auto', 'float32' or 'compute'"):
+        load_recipe(None, ["model.head_dtype=bf16"])
+
+
+def test_compute_head_log_probs_are_within_bf16_rounding_of_a_float32_head():
+    """The stated tolerance of `head_dtype: compute`. Both models share one bf16 decoder, so the head's input is
+    the same; the compute head rounds its weights and its logits to bf16 (each <= 2^-9 relative), so a logit moves
+    by at most 2^-8 * sum_k |h_k W_vk| and a log-prob (logit minus logsumexp) by twice the largest such move,
+    divided by the temperature. Each token's difference must be within that bound, and on average far below it.
+    Log-probs stay float32, and the bf16 head keeps a float32 master (the tied embedding's, here)."""
+    params = SamplingParams(temperature=0.7)
+    float32_head = build_tiny(LlamaConfig, tie_word_embeddings=True)
+    compute_head = build_tiny(LlamaConfig, tie_word_embeddings=True)
+    MasterWeights(float32_head, "bf16", fp32_head=True)
+    masters = MasterWeights(compute_head, "bf16", fp32_head=False)
+    assert compute_head.lm_head.weight.dtype == torch.bfloat16 and float32_head.lm_head.weight.dtype == torch.float32
+    assert any(m.dtype == torch.float32 and m.shape == compute_head.lm_head.weight.shape for m in masters.params)
+    ids = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+    with torch.no_grad():
+        lp_head32 = completion_log_probs(float32_head, ids, attention, 8, params, chunk_size=16)
+        lp_compute = completion_log_probs(compute_head, ids, attention, 8, params, chunk_size=16)
+        hidden = compute_head.model.norm(compute_head.model(ids).last_hidden_state)[:, 7:-1].float()
+    assert lp_compute.dtype == torch.float32
+    magnitude = hidden.abs() @ float32_head.lm_head.weight.abs().T  # sum_k |h_k W_vk| per token and vocabulary entry
+    bound = 2 * 2**-8 * magnitude.amax(-1) / params.temperature
+    diff = (lp_compute - lp_head32).abs()
+    assert (diff <= bound).all() and diff.max() > 0
+    assert diff.mean() < 0.1 * bound.mean()
 
 
 # -- master weights ------------------------------------------------------------------------------------------------
@@ -323,11 +368,13 @@ def test_fp32_head_keeps_logits_float32_and_tied_embeddings_work():
 # -- a tied LM head, trained -----------------------------------------------------------------------------------------
 
 
-def test_tied_embeddings_train_in_bf16_with_float32_masters_and_stay_tied(tmp_path, monkeypatch):
+@pytest.mark.parametrize("head_dtype", ["float32", "compute"])
+def test_tied_embeddings_train_in_bf16_with_float32_masters_and_stay_tied(tmp_path, monkeypatch, head_dtype):
     """SmolLM2 and Qwen2.5 tie the LM head to the input embedding. Trained through `train` in bf16 with float32
-    masters, that one weight stays one float32 parameter (its own master, updated through both of its uses) while
-    the decoder computes in bf16 and moves through its masters; the policy learns; and the tie survives the
-    checkpoint (`from_pretrained` gives one tensor) and a resumed run."""
+    masters, that one weight stays one parameter with one float32 master (with a float32 head, itself; with a
+    compute head, a float32 copy of the bf16 weight), updated through both of its uses, while the decoder computes
+    in bf16 and moves through its masters; the policy learns; and the tie survives the checkpoint
+    (`from_pretrained` gives one tensor) and a resumed run."""
     from nested_reft import trainer
     from nested_reft.trainer import train
 
@@ -347,7 +394,8 @@ def test_tied_embeddings_train_in_bf16_with_float32_masters_and_stay_tied(tmp_pa
     monkeypatch.setattr(trainer, "MasterWeights", lambda *a, **k: masters_seen.append(MasterWeights(*a, **k))
                         or masters_seen[-1])
     recipe = tiny_recipe(model_dir, data, tmp_path / "run", "train.steps=40", "model.mixed_precision=bf16",
-                         "skipping.ratio=0.0", "objective.correction=none", "train.save_every=1")
+                         f"model.head_dtype={head_dtype}", "skipping.ratio=0.0", "objective.correction=none",
+                         "train.save_every=1")
     rows = []
 
     def stop_when_learned(row):
@@ -363,8 +411,12 @@ def test_tied_embeddings_train_in_bf16_with_float32_masters_and_stay_tied(tmp_pa
     masters = masters_seen[0]
     model = masters.model
     tied = model.get_input_embeddings().weight
-    assert model.get_output_embeddings().weight is tied and tied.dtype == torch.float32
-    assert sum(p is tied for p in masters.params) == 1  # one parameter, its own master: one AdamW state
+    assert model.get_output_embeddings().weight is tied
+    if head_dtype == "float32":
+        assert tied.dtype == torch.float32 and sum(p is tied for p in masters.params) == 1  # its own master
+    else:
+        assert tied.dtype == torch.bfloat16 and not any(p is tied for p in masters.params)
+    assert sum(p.shape == tied.shape for p in masters.params) == 1  # one master: one AdamW state
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16 and masters.active
 
     start = load_file(model_dir / "model.safetensors")
@@ -378,8 +430,8 @@ def test_tied_embeddings_train_in_bf16_with_float32_masters_and_stay_tied(tmp_pa
     assert torch.equal(reloaded.lm_head.weight, end["model.embed_tokens.weight"])
 
     resumed = train(tiny_recipe(model_dir, data, tmp_path / "run", f"train.steps={len(rows) + 1}",
-                                "model.mixed_precision=bf16", "skipping.ratio=0.0", "objective.correction=none",
-                                "train.save_every=1"), resume=True, reward_fn=reward)
+                                "model.mixed_precision=bf16", f"model.head_dtype={head_dtype}", "skipping.ratio=0.0",
+                                "objective.correction=none", "train.save_every=1"), resume=True, reward_fn=reward)
     assert [r["step"] for r in resumed.read_metrics()] == list(range(1, len(rows) + 2))
     model = masters_seen[-1].model
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

@@ -224,3 +224,73 @@ def test_should_stop_ends_decoding_at_the_next_host_read(tiny_llama, tiny_prompt
         full = generate(tiny_llama, tiny_prompts, kv_cache=kv_cache, should_stop=lambda: False, **common)
         assert full.completion_ids.shape[1] == 12
         assert torch.equal(full.completion_ids[:, :3], stopped.completion_ids)
+
+
+def test_inverse_cdf_in_blocks_matches_one_scan_and_never_draws_a_zero():
+    """The two-pass draw picks the token a single float64 scan picks (away from rounding windows), across block
+    boundaries and a padded last block, and never a token of probability 0, even at u just below 1."""
+    from nested_reft.sampling import CDF_BLOCK, inverse_cdf
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 3 * CDF_BLOCK + 77
+    probs = torch.rand((64, vocab), generator=generator) ** 8  # peaked, with mass spread across blocks
+    probs[:, ::3] = 0.0  # a third of the tokens cut, as top-k / top-p do
+    probs[:8, CDF_BLOCK:] = 0.0  # rows whose whole mass sits in the first block
+    uniform = torch.rand(64, generator=generator, dtype=torch.float64)
+    cumulative = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cumulative, uniform[:, None] * cumulative[:, -1:], right=True).squeeze(1)
+    assert torch.equal(inverse_cdf(probs, uniform), expected)
+    edge = inverse_cdf(probs, torch.full((64,), 1 - 2**-53, dtype=torch.float64))
+    assert (probs.gather(1, edge[:, None]) > 0).all()
+    assert (edge[:8] < CDF_BLOCK).all()
+
+
+@pytest.mark.parametrize("params", [SAMPLED, GREEDY], ids=["sampled", "greedy"])
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_a_shared_prefill_gives_the_completions_of_a_per_row_prefill(tiny_model, tiny_prompts, kv_cache, params,
+                                                                        monkeypatch):
+    """Each prompt is prefilled once and its KV cache copied to its G rows: the same tokens as prefilling every row
+    (the default, group_size 1, of `decoding.decode`), and log-probs equal up to the float rounding of a smaller
+    matmul; the prefill's forward runs on one row per prompt."""
+    from nested_reft import rollout as rollout_module
+
+    embedded = []
+    tiny_model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: embedded.append(args[0].shape))
+    eos = frequent_tokens(tiny_model, tiny_prompts, params=params, seed=5)
+    embedded.clear()
+    shared = run(tiny_model, tiny_prompts, eos, params=params, generations=3, seed=5, skip=(1, 4), kv_cache=kv_cache)
+    prefills = [shape for shape in embedded if shape[1] > 1]  # decode steps embed one token per row
+    assert prefills == [(len(tiny_prompts), max(map(len, tiny_prompts)))]
+    decode = rollout_module.decode
+    monkeypatch.setattr(rollout_module, "decode", lambda *a, **k: decode(*a, **(k | {"group_size": 1})))
+    per_row = run(tiny_model, tiny_prompts, eos, params=params, generations=3, seed=5, skip=(1, 4), kv_cache=kv_cache)
+    assert len(set(lengths(shared))) > 1
+    assert torch.equal(shared.completion_ids, per_row.completion_ids)
+    assert torch.equal(shared.completion_mask, per_row.completion_mask)
+    torch.testing.assert_close(shared.behavior_log_probs, per_row.behavior_log_probs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_packed_bf16_weights_give_the_same_rollout_and_are_unpacked_after(tiny_qwen2, tiny_prompts, kv_cache,
+                                                                         monkeypatch):
+    """bf16 rollouts on CPU multiply with oneDNN-packed weights (Qwen2: biased projections too): bit for bit the
+    rollout of the plain weights, the packed matmul really used for every kept layer's linears and the head, and
+    every module's own forward back once the rollout ends."""
+    from nested_reft import packed_weights
+
+    model = tiny_qwen2.to(torch.bfloat16)
+    calls = Counter()
+    packed_linear = packed_weights._packed_linear
+    monkeypatch.setattr(packed_weights, "_packed_linear",
+                        lambda packed, bias, x: calls.update([packed.shape]) or packed_linear(packed, bias, x))
+    eos = frequent_tokens(model, tiny_prompts, seed=2)
+    calls.clear()
+    packed = run(model, tiny_prompts, eos, seed=2, skip=(2,), kv_cache=kv_cache)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not any("forward" in vars(m) for m in linears)
+    assert calls[model.lm_head.weight.shape] > 0 and sum(calls.values()) > (NUM_LAYERS - 1) * 7
+    monkeypatch.setattr(packed_weights, "packable", lambda linear: False)
+    plain = run(model, tiny_prompts, eos, seed=2, skip=(2,), kv_cache=kv_cache)
+    assert len(set(lengths(plain))) > 1
+    for name in ("completion_ids", "completion_mask", "behavior_log_probs"):
+        assert torch.equal(getattr(packed, name), getattr(plain, name)), name

@@ -121,3 +121,25 @@ def test_profile_round_trip(tmp_path):
     assert LayerCosts.read(reverse_preferred, 8).kl == {3: 0.5}  # training measures KL(mu || pi)
     with pytest.raises(UserError, match="both.json.*8 layers"):
         LayerCosts.read(write_profile(tmp_path / "both.json", {3: 0.1}, 8), 12)
+
+
+def test_rises_as_the_measured_cost_of_the_next_set_falls():
+    """Synthetic: every layer's true cost shrinks by 10% a step (the skip bridges learning); the controller is told
+    the KL of the set it uses and of the next one (count + 1), measured. It skips more as they fall, past what the
+    stale step-1 profile predicts, and never uses a set whose measured KL is above the target at the time."""
+    ctrl = controller(target=0.5)
+    start = ctrl.count
+    shrink = 1.0
+    counts, used_kls = [], []
+    for _ in range(40):
+        used = ctrl.count
+        used_kls.append(shrink * true_kl(ctrl.layers()))
+        ctrl.update(used, used_kls[-1], (len(ctrl.next_layers()), shrink * true_kl(ctrl.next_layers())))
+        counts.append(ctrl.count)
+        shrink *= 0.9
+    assert counts[-1] > start + 3 and counts[3:] == sorted(counts[3:])
+    assert max(used_kls[3:]) <= 0.5  # each raise rested on a measurement within the target
+    stale = controller(target=0.5)
+    for _ in range(40):  # told only of the set it uses: it relies on the profile's prediction for the next
+        stale.update(stale.count, true_kl(stale.layers()))
+    assert counts[-1] > stale.count

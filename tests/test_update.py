@@ -87,3 +87,50 @@ def test_a_stop_request_abandons_the_update_before_any_weight_changes(model_and_
                  stop=StopCheck(stop, World()))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not optimizer.state  # AdamW never stepped
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_bucketed_micro_batches_give_the_loss_and_gradients_of_full_width_ones(model_and_recipe, monkeypatch,
+                                                                                loss_type):
+    """Micro-batches grouped by length and trimmed to their own columns (no padding computed) give the loss,
+    gradients and statistics of full-width micro-batches in row order, up to float summation order: on- and
+    off-policy rows, lp_old from the no-grad pass (two passes) and from the first pass (one)."""
+    from nested_reft.objective import group_advantages
+    from nested_reft.rollout import generate
+    from nested_reft.scoring import ScoredRollout
+    from nested_reft.update import MicroBatch, UpdatePlan
+
+    model, recipe = model_and_recipe
+    rollout = generate(model, [[3, 4, 5], [6, 7], [8, 9, 10, 11, 12, 13], [14]], num_generations=4,
+                       max_new_tokens=12, params=SamplingParams(1.0), eos_token_ids={1, 5, 9}, pad_token_id=0,
+                       skip=(1,), seed=3)
+    lengths = rollout.completion_mask.sum(1)
+    assert lengths.min() < lengths.max() == rollout.completion_ids.shape[1], "rows must end at different steps"
+    rewards = torch.tensor(REWARDS, dtype=torch.float32)
+    batch = ScoredRollout(rollout, rewards, [r > 0 for r in REWARDS], [""] * 16, group_advantages(rewards, 4, "group"))
+
+    def full_width(plan, rows, size):
+        return [MicroBatch(chunk, left=0, width=plan.mask.shape[1]) for chunk in rows.split(size)]
+
+    bucketed = UpdatePlan.micro_batches
+    for passes in (1, 2):
+        results = []
+        for micro_batches in (bucketed, full_width):
+            monkeypatch.setattr(UpdatePlan, "micro_batches", micro_batches)
+            recorder = GradRecorder(model.parameters())
+            stats = optimise(model, None, recorder, NoSchedule(), batch,
+                             recipe("train.micro_batch_size=3", f"objective.loss_type={loss_type}",
+                                    f"objective.num_iterations={passes}"), SamplingParams(1.0))
+            results.append((stats, recorder.grads))
+        (stats, grads), (expected_stats, expected_grads) = results
+        for key in ("loss", "kl_mu_pi", "ess", "weight_mean", "clip_frac"):
+            assert stats[key] == pytest.approx(expected_stats[key], rel=1e-5, abs=1e-7), key
+        for grad, expected in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+    plan = UpdatePlan.of(batch, 4, World(), skip_zero_advantage=True, beta=0.0)
+    trimmed = bucketed(plan, plan.train_rows, 3)
+    assert [len(b.rows) for b in trimmed] == [3, 3, 2]
+    assert any(b.left > 0 for b in trimmed) and any(b.width < plan.mask.shape[1] for b in trimmed)
+    totals = [plan.prompt_lengths[r] + plan.completion_lengths[r] for b in trimmed for r in b.rows.tolist()]
+    assert totals == sorted(totals, reverse=True)  # longest first

@@ -72,6 +72,7 @@ def bench(
             row += [f"{r['train_peak_memory_mb']:.0f}", "on" if r["gradient_checkpointing"] else "off"]
         rows.append(row)
     print_table(console, title, columns, rows, key_columns=2)
+    print_step_split(console, result)
     if "gradient_checkpointing" in result:
         gc = result["gradient_checkpointing"]
         peak, seconds = gc["train_peak_memory_mb"], gc["train_seconds"]
@@ -79,3 +80,18 @@ def bench(
                       f"update time x{seconds['on_over_off']:.2f}"
                       f"  [{result['settings']['peak_memory']}]", highlight=False, soft_wrap=True)
     console.print(f"report: {report}" + (f"   plot: {plot}" if plot else ""), soft_wrap=True, highlight=False)
+
+
+def print_step_split(console, result: dict) -> None:
+    """Each part's tokens/sec and the fraction of the probed matmul peak its model FLOPs reach, per mode."""
+    settings = result["settings"]
+    parts = ["prefill", "decode"] + (["train"] if result["what"] == "train" else [])
+    columns = ["mode", "ratio", *(f"{p} tok/s" for p in parts), *(f"{p} %peak" for p in parts)]
+    columns += ["step %peak"] if result["what"] == "train" else []
+    rows = []
+    for r in result["results"]:
+        row = [r["mode"], f"{r['skip_ratio']:.2f}", *(f"{r[f'{p}_tokens_per_sec']:.1f}" for p in parts),
+               *(f"{100 * r[f'{p}_peak_fraction']:.1f}" for p in parts)]
+        rows.append(row + ([f"{100 * r['step_peak_fraction']:.1f}"] if result["what"] == "train" else []))
+    print_table(console, f"step split: peak {settings['matmul_peak_gflops']:.0f} GFLOP/s ({settings['peak_dtype']} "
+                f"matmul probe, {result['device']}); model FLOPs only", columns, rows, key_columns=2)

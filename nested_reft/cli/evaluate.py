@@ -57,9 +57,10 @@ def evaluate(
                 limit=limit if limit is not None else cfg.data.eval_limit, samples=samples, temperature=temperature,
                 max_new_tokens=max_new_tokens or cfg.rollout.max_completion_length, data_cfg=cfg.data,
                 reward_cfg=cfg.reward, dtype=cfg.model.dtype, device=cfg.model.device,
-                mixed_precision=cfg.model.mixed_precision, seed=cfg.run.seed,
+                mixed_precision=cfg.model.mixed_precision, head_dtype=cfg.model.head_dtype, seed=cfg.run.seed,
                 report_path=path, on_batch=lambda n, task=task: progress.advance(task, n),
                 kv_cache=cfg.rollout.kv_cache, cuda_graphs=cfg.rollout.cuda_graphs, batch_size=batch_size,
+                compile=cfg.rollout.compile,
             ))
     result = results[0]
     rows = [[spec, *("-" if v is None else f"{v:.3f}" for v in r["metrics"].values()), f"{r['tokens_per_sec']:.1f}",

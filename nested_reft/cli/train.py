@@ -82,6 +82,9 @@ def _summary(row: dict[str, Any]) -> str:
            f"skip {len(row['skipped_layers'])} layers  kl {row['kl_mu_pi']:.2f}"
     if "target_kl" in row:  # the adaptive controller: target, measurement, decision
         line += f" (target {row['target_kl']:.2f}: {row['skip_decision']} to {row['next_num_skipped']})"
+    if "robust_kl_mu_pi" in row:  # the skip bridges: the KL of the set they train, and the policy's drift
+        line += (f"  bridges: kl {row['robust_kl_mu_pi']:.2f} at {len(row['robust_skipped_layers'])} layers, "
+                 f"drift {row['policy_drift']:.1e}")
     line += f"  ess {row['ess']:.2f}  {row['rollout_tokens_per_sec']:.0f} tok/s"
     line += "  no signal: update skipped" if row["update_skipped"] else f"  loss {row['loss']:+.4f}"
     if "eval_pass@1" in row:
