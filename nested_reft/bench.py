@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -52,6 +53,127 @@ Progress = Callable[[str], None]
 GRADIENT_CHECKPOINTING = ("recipe", "on", "off", "both")
 
 
+@dataclass
+class _Workload:
+    """What every mode runs on, loaded once: the model (with float32 masters for training steps), the prompts of
+    one training step, and the training step's optimiser and reward."""
+
+    recipe: Recipe
+    what: str
+    model: torch.nn.Module
+    tokenizer: Any
+    masters: MasterWeights | None
+    examples: list
+    prompts: Any
+    params: SamplingParams
+    eos: list[int]
+    flops: ModelFlops
+    scorer: Any
+    initial: list[torch.Tensor] | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+
+    @classmethod
+    def load(cls, recipe: Recipe, what: str) -> "_Workload":
+        # Training steps need the storage-dtype weights as masters; rollouts only need the compute dtype.
+        model, tokenizer = load_model(resolve_model_path(recipe.model.name_or_path), dtype=recipe.model.dtype,
+                                      device=recipe.model.device, head_dtype=recipe.model.head_dtype,
+                                      mixed_precision="no" if what == "train" else recipe.model.mixed_precision)
+        masters = MasterWeights(model, recipe.model.mixed_precision, fp32_head=keeps_fp32_head(recipe.model)) \
+            if what == "train" else None
+        per_step = recipe.train.prompts_per_step
+        examples = load_examples(recipe.data.train, split=recipe.data.train_split, limit=per_step,
+                                 seed=recipe.run.seed)[:per_step]
+        work = cls(recipe, what, model, tokenizer, masters, examples,
+                   encode_prompts(tokenizer, [e.question for e in examples], recipe.data),
+                   SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p),
+                   eos_token_ids(tokenizer, model.generation_config), ModelFlops.of(model), reward_scorer(recipe))
+        if masters is not None:
+            work.initial = [p.detach().clone() for p in masters.params]
+            # One optimiser for every run, its states zeroed before each (so every update is a fresh AdamW's first
+            # step): the states stay allocated, as in training, instead of being created inside each update's window.
+            work.optimizer = torch.optim.AdamW(masters.params, lr=recipe.optimizer.lr)
+            work.scheduler = torch.optim.lr_scheduler.LambdaLR(work.optimizer, lambda _: 1.0)
+        return work
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    def skip_sets(self, skip_ratios: list[float], progress: Progress) -> list[tuple[str, float, tuple[int, ...]]]:
+        """(mode, ratio, skipped layers): the baseline, then each ratio's set drawn the way the recipe's strategy
+        draws it in training (a `fixed` set is the one nested mode). The cost-aware strategies measure per-layer
+        costs first when no calibration file is given."""
+        sampler = SkipSampler.from_config(self.recipe.skipping, self.num_layers, self.recipe.run.seed)
+        if sampler.needs_costs:
+            progress("measuring per-layer skip costs")
+            reference = generate(self.model, self.prompts, max_new_tokens=self.recipe.rollout.max_completion_length,
+                                 params=self.params, eos_token_ids=self.eos, pad_token_id=self.tokenizer.pad_token_id,
+                                 seed=self.recipe.run.seed)
+            sampler.set_costs(probe_layer_costs(self.model, reference, list(range(len(self.prompts))),
+                                                sampler.eligible, self.params))
+        if self.recipe.skipping.strategy == "fixed":
+            return [("baseline", 0.0, ()), ("nested", *sampler.sample())]
+        return [("baseline", 0.0, ()), *(("nested", ratio, sampler.sample(ratio)[1]) for ratio in skip_ratios)]
+
+    def run(self, skip: tuple[int, ...], max_new_tokens: int, gc: bool) -> dict[str, float]:
+        """One timed rollout (and, for training steps, its scoring and update) from the initial weights."""
+        recipe, device = self.recipe, self.device
+        if self.masters is not None:  # every mode samples and trains from the same weights
+            with torch.no_grad():
+                for p, value in zip(self.masters.params, self.initial):
+                    p.copy_(value)
+            self.masters.copy_to_model()
+            set_gradient_checkpointing(self.model, gc)
+            for state in self.optimizer.state.values():
+                for value in state.values():
+                    value.zero_()
+        resettable = reset_peak_memory(device)
+        start = time.perf_counter()
+        rollout = generate(self.model, self.prompts, num_generations=recipe.rollout.num_generations,
+                           max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, params=self.params,
+                           eos_token_ids=self.eos, pad_token_id=self.tokenizer.pad_token_id, skip=skip,
+                           seed=recipe.run.seed, kv_cache=recipe.rollout.kv_cache,
+                           cuda_graphs=recipe.rollout.cuda_graphs, compile_layers=recipe.rollout.compile == "on")
+        prompt_lengths, completion_lengths = torch.stack([rollout.prompt_mask.sum(1),
+                                                          rollout.completion_mask.sum(1)]).tolist()
+        flops = step_flops(self.flops, prompt_lengths, completion_lengths, recipe.rollout.num_generations,
+                           self.num_layers - len(skip))
+        prompt_tokens = sum(prompt_lengths[:: recipe.rollout.num_generations])  # each prompt is prefilled once
+        sample = {"tokens_per_sec": rollout.tokens_per_second, "prefill_seconds": rollout.prefill_seconds,
+                  "decode_seconds": rollout.decode_seconds, "tokens": rollout.tokens_generated,
+                  "compile_seconds": rollout.compile_seconds, "peak_memory_mb": peak_memory_mb(device),
+                  "prefill_tokens_per_sec": prompt_tokens / rollout.prefill_seconds,
+                  "decode_tokens_per_sec": rollout.tokens_generated / rollout.decode_seconds,
+                  "prefill_flops_per_sec": flops["prefill"] / rollout.prefill_seconds,
+                  "decode_flops_per_sec": flops["decode"] / rollout.decode_seconds}
+        if self.what != "train":
+            return sample
+        generated = time.perf_counter()
+        batch = score(rollout, self.examples, self.tokenizer, self.scorer, recipe.rollout.num_generations,
+                      recipe.objective.scale_rewards)
+        scored = time.perf_counter()
+        if resettable:  # the update's own peak (activations, gradients, optimiser states), rollout excluded
+            reset_peak_memory(device)
+        optimise(self.model, None, self.optimizer, self.scheduler, batch, recipe, self.params, self.masters,
+                 skip_zero_advantage=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        done = time.perf_counter()
+        train_peak = peak_memory_mb(device)
+        return sample | {"generate_seconds": generated - start, "score_seconds": scored - generated,
+                         "train_seconds": done - scored, "step_seconds": done - start,
+                         "train_peak_memory_mb": train_peak,
+                         "peak_memory_mb": max(sample["peak_memory_mb"], train_peak),
+                         "train_tokens_per_sec": (sum(prompt_lengths) + sum(completion_lengths)) / (done - scored),
+                         "train_flops_per_sec": flops["update"] / (done - scored),
+                         "step_flops_per_sec": sum(flops.values()) / (done - start)}
+
+
 def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: str = "rollout",
           gradient_checkpointing: str = "recipe", progress: Progress = lambda _: None) -> dict[str, Any]:
     """Time rollouts (`what="rollout"`) or whole training steps (`what="train"`) for the full model and each
@@ -67,149 +189,39 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
     if what != "train" and gradient_checkpointing != "recipe":
         raise UserError("--gradient-checkpointing applies to --what train only (rollouts never checkpoint)")
     recipe, _ = resolve_runtime(recipe)
-    precision = recipe.model.mixed_precision
-    source = resolve_model_path(recipe.model.name_or_path)
-    # Training steps need the storage-dtype weights as masters; rollouts only need the compute dtype.
-    model, tokenizer = load_model(source, dtype=recipe.model.dtype, device=recipe.model.device,
-                                  mixed_precision="no" if what == "train" else precision,
-                                  head_dtype=recipe.model.head_dtype)
-    masters = MasterWeights(model, precision, fp32_head=keeps_fp32_head(recipe.model)) if what == "train" else None
-    device = next(model.parameters()).device
-    num_layers = len(decoder_layers(model))
-    examples = load_examples(recipe.data.train, split=recipe.data.train_split, limit=recipe.train.prompts_per_step,
-                             seed=recipe.run.seed)[: recipe.train.prompts_per_step]
-    prompts = encode_prompts(tokenizer, [e.question for e in examples], recipe.data)
-    params = SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p)
-    length = recipe.rollout.max_completion_length
-    eos = eos_token_ids(tokenizer, model.generation_config)
-
-    # Each ratio's skip set is drawn the way the recipe's strategy draws it in training (a `fixed` set is the one
-    # nested mode); the cost-aware strategies measure per-layer costs first when no calibration file is given.
-    sampler = SkipSampler.from_config(recipe.skipping, num_layers, recipe.run.seed)
-    if sampler.needs_costs:
-        progress("measuring per-layer skip costs")
-        reference = generate(model, prompts, max_new_tokens=length, params=params, eos_token_ids=eos,
-                             pad_token_id=tokenizer.pad_token_id, seed=recipe.run.seed)
-        sampler.set_costs(probe_layer_costs(model, reference, list(range(len(prompts))), sampler.eligible, params))
-    skip_sets: list[tuple[str, float, tuple[int, ...]]] = [("baseline", 0.0, ())]
-    if recipe.skipping.strategy == "fixed":
-        skip_sets.append(("nested", *sampler.sample()))
-    else:
-        skip_sets += [("nested", ratio, sampler.sample(ratio)[1]) for ratio in skip_ratios]
+    work = _Workload.load(recipe, what)
     checkpointing = {"recipe": [bool(recipe.train.gradient_checkpointing)], "on": [True], "off": [False],
                      "both": [False, True]}[gradient_checkpointing] if what == "train" else [False]
-    modes = [(mode, ratio, skip, gc) for gc in checkpointing for mode, ratio, skip in skip_sets]
-
-    initial = [p.detach().clone() for p in masters.params] if masters is not None else None
-    # One optimiser for every run, its states zeroed before each (so every update is a fresh AdamW's first
-    # step): the states stay allocated, as in training, instead of being created inside each update's window.
-    optimizer = torch.optim.AdamW(masters.params, lr=recipe.optimizer.lr) if masters is not None else None
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0) if optimizer is not None else None
-    scorer = reward_scorer(recipe)
-
-    def run_once(skip: tuple[int, ...], max_new_tokens: int, gc: bool) -> dict[str, float]:
-        if masters is not None:  # every mode samples and trains from the same weights
-            with torch.no_grad():
-                for p, value in zip(masters.params, initial):
-                    p.copy_(value)
-            masters.copy_to_model()
-            set_gradient_checkpointing(model, gc)
-            for state in optimizer.state.values():
-                for value in state.values():
-                    value.zero_()
-        resettable = reset_peak_memory(device)
-        start = time.perf_counter()
-        rollout = generate(model, prompts, num_generations=recipe.rollout.num_generations,
-                           max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, params=params,
-                           eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, skip=skip, seed=recipe.run.seed,
-                           kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs,
-                           compile_layers=recipe.rollout.compile == "on")
-        prompt_lengths, completion_lengths = torch.stack([rollout.prompt_mask.sum(1),
-                                                          rollout.completion_mask.sum(1)]).tolist()
-        flops = step_flops(model_flops, prompt_lengths, completion_lengths, recipe.rollout.num_generations,
-                           num_layers - len(skip))
-        prompt_tokens = sum(prompt_lengths[:: recipe.rollout.num_generations])  # each prompt is prefilled once
-        sample = {"tokens_per_sec": rollout.tokens_per_second, "prefill_seconds": rollout.prefill_seconds,
-                  "decode_seconds": rollout.decode_seconds, "tokens": rollout.tokens_generated,
-                  "compile_seconds": rollout.compile_seconds, "peak_memory_mb": peak_memory_mb(device),
-                  "prefill_tokens_per_sec": prompt_tokens / rollout.prefill_seconds,
-                  "decode_tokens_per_sec": rollout.tokens_generated / rollout.decode_seconds,
-                  "prefill_flops_per_sec": flops["prefill"] / rollout.prefill_seconds,
-                  "decode_flops_per_sec": flops["decode"] / rollout.decode_seconds}
-        if what == "train":
-            generated = time.perf_counter()
-            batch = score(rollout, examples, tokenizer, scorer, recipe.rollout.num_generations,
-                          recipe.objective.scale_rewards)
-            scored = time.perf_counter()
-            if resettable:  # the update's own peak (activations, gradients, optimiser states), rollout excluded
-                reset_peak_memory(device)
-            optimise(model, None, optimizer, scheduler, batch, recipe, params, masters, skip_zero_advantage=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            done = time.perf_counter()
-            train_peak = peak_memory_mb(device)
-            sample |= {"generate_seconds": generated - start, "score_seconds": scored - generated,
-                       "train_seconds": done - scored, "step_seconds": done - start,
-                       "train_peak_memory_mb": train_peak,
-                       "peak_memory_mb": max(sample["peak_memory_mb"], train_peak),
-                       "train_tokens_per_sec": (sum(prompt_lengths) + sum(completion_lengths)) / (done - scored),
-                       "train_flops_per_sec": flops["update"] / (done - scored),
-                       "step_flops_per_sec": sum(flops.values()) / (done - start)}
-        return sample
-
+    modes = [(mode, ratio, skip, gc) for gc in checkpointing for mode, ratio, skip in work.skip_sets(skip_ratios,
+                                                                                                     progress)]
     progress("probing the matmul peak")
-    peak_dtype = COMPUTE_DTYPES[precision] or torch.float32
-    peaks = [matmul_peak(device, peak_dtype)]  # probed again after every repeat: the best is the least disturbed
-    model_flops = ModelFlops.of(model)
+    peak_dtype = COMPUTE_DTYPES[recipe.model.mixed_precision] or torch.float32
+    peaks = [matmul_peak(work.device, peak_dtype)]  # probed again after every repeat: the best is the least disturbed
     progress("warm-up")
-    warm_up = run_once((), min(8, length), checkpointing[0])
-    samples: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(modes))}
+    warm_up = work.run((), min(8, recipe.rollout.max_completion_length), checkpointing[0])
+    samples: list[list[dict[str, float]]] = [[] for _ in modes]
     for r in range(repeats):
         # ABBA order: every other repeat runs the modes backwards, so a drift in machine speed during a
         # repeat does not always favour the modes that run first.
-        order = list(range(len(modes)))[:: 1 if r % 2 == 0 else -1]
-        for i in order:
+        for i in list(range(len(modes)))[:: 1 if r % 2 == 0 else -1]:
             mode, ratio, skip, gc = modes[i]
             progress(f"repeat {r + 1}/{repeats}: {mode} {ratio:.2f}" + (f" gc {'on' if gc else 'off'}"
                                                                        if len(checkpointing) > 1 else ""))
-            samples[i].append(run_once(skip, length, gc))
-        peaks.append(matmul_peak(device, peak_dtype))
+            samples[i].append(work.run(skip, recipe.rollout.max_completion_length, gc))
+        peaks.append(matmul_peak(work.device, peak_dtype))
 
-    peak = max(peaks)
-    results = []
-    for i, (mode, ratio, skip, gc) in enumerate(modes):
-        for s in samples[i]:
-            s |= {key.replace("flops_per_sec", "peak_fraction"): value / peak
-                  for key, value in s.items() if key.endswith("flops_per_sec")}
-        medians = {key: statistics.median(s[key] for s in samples[i]) for key in samples[i][0] if key != "tokens"}
-        results.append({"mode": mode, "skip_ratio": ratio, "skipped_layers": list(skip), **medians,
-                        "tokens_per_sec_repeats": [s["tokens_per_sec"] for s in samples[i]],
-                        **({"gradient_checkpointing": gc} if what == "train" else {})})
-    comparisons = []
-    for i, (mode, ratio, skip, gc) in enumerate(modes):
-        if mode == "baseline":
-            continue
-        base = modes.index(("baseline", 0.0, (), gc))  # the baseline with the same checkpointing
-        ideal = num_layers / (num_layers - len(skip))
-        # The median of per-repeat ratios: each pair ran back to back, so slow phases of the machine cancel.
-        speedup = statistics.median(n["tokens_per_sec"] / b["tokens_per_sec"]
-                                    for n, b in zip(samples[i], samples[base]))
-        entry = {"skip_ratio": ratio, "num_skipped": len(skip), "speedup": speedup, "ideal_speedup": ideal,
-                 "efficiency": speedup / ideal}
-        if what == "train":
-            entry["step_speedup"] = statistics.median(b["step_seconds"] / n["step_seconds"]
-                                                      for n, b in zip(samples[i], samples[base]))
-            entry["gradient_checkpointing"] = gc
-        comparisons.append(entry)
-    report = {"model": source, "device": describe_device(device), "num_layers": num_layers, "what": what,
-              "settings": {"sequences": len(prompts) * recipe.rollout.num_generations, "completion_length": length,
-                           "repeats": repeats, "temperature": params.temperature, "dtype": recipe.model.dtype,
-                           "mixed_precision": precision, "head_dtype": recipe.model.head_dtype,
-                           "strategy": recipe.skipping.strategy,
-                           "seed": recipe.run.seed, "compile": recipe.rollout.compile,
-                           "warm_up_compile_seconds": warm_up["compile_seconds"],
-                           "matmul_peak_gflops": peak / 1e9, "peak_dtype": str(peak_dtype).removeprefix("torch."),
-                           "peak_memory": peak_memory_method(device)},
+    results, comparisons = _summarise(modes, samples, max(peaks), work.num_layers, what)
+    report = {"model": resolve_model_path(recipe.model.name_or_path), "device": describe_device(work.device),
+              "num_layers": work.num_layers, "what": what,
+              "settings": {"sequences": len(work.prompts) * recipe.rollout.num_generations,
+                           "completion_length": recipe.rollout.max_completion_length, "repeats": repeats,
+                           "temperature": recipe.rollout.temperature, "dtype": recipe.model.dtype,
+                           "mixed_precision": recipe.model.mixed_precision, "head_dtype": recipe.model.head_dtype,
+                           "strategy": recipe.skipping.strategy, "seed": recipe.run.seed,
+                           "compile": recipe.rollout.compile, "warm_up_compile_seconds": warm_up["compile_seconds"],
+                           "matmul_peak_gflops": max(peaks) / 1e9,
+                           "peak_dtype": str(peak_dtype).removeprefix("torch."),
+                           "peak_memory": peak_memory_method(work.device)},
               "results": results, "comparisons": comparisons}
     if len(checkpointing) > 1:
         off, on = (results[modes.index(("baseline", 0.0, (), gc))] for gc in (False, True))
@@ -217,6 +229,36 @@ def bench(recipe: Recipe, skip_ratios: list[float], *, repeats: int = 3, what: s
             key: {"off": off[key], "on": on[key], "on_over_off": on[key] / off[key]}
             for key in ("train_peak_memory_mb", "peak_memory_mb", "train_seconds")}
     return report
+
+
+def _summarise(modes: list[tuple], samples: list[list[dict[str, float]]], peak: float, num_layers: int,
+               what: str) -> tuple[list[dict], list[dict]]:
+    """Each mode's medians over repeats (with its FLOP rates as fractions of `peak`), and each nested mode's speed-up
+    over the baseline with the same checkpointing."""
+    results = []
+    for (mode, ratio, skip, gc), runs in zip(modes, samples):
+        for s in runs:
+            s |= {key.replace("flops_per_sec", "peak_fraction"): value / peak
+                  for key, value in s.items() if key.endswith("flops_per_sec")}
+        medians = {key: statistics.median(s[key] for s in runs) for key in runs[0] if key != "tokens"}
+        results.append({"mode": mode, "skip_ratio": ratio, "skipped_layers": list(skip), **medians,
+                        "tokens_per_sec_repeats": [s["tokens_per_sec"] for s in runs],
+                        **({"gradient_checkpointing": gc} if what == "train" else {})})
+    comparisons = []
+    for (mode, ratio, skip, gc), runs in zip(modes, samples):
+        if mode == "baseline":
+            continue
+        base = samples[modes.index(("baseline", 0.0, (), gc))]
+        ideal = num_layers / (num_layers - len(skip))
+        # The median of per-repeat ratios: each pair ran back to back, so slow phases of the machine cancel.
+        speedup = statistics.median(n["tokens_per_sec"] / b["tokens_per_sec"] for n, b in zip(runs, base))
+        entry = {"skip_ratio": ratio, "num_skipped": len(skip), "speedup": speedup, "ideal_speedup": ideal,
+                 "efficiency": speedup / ideal}
+        if what == "train":
+            entry["step_speedup"] = statistics.median(b["step_seconds"] / n["step_seconds"] for n, b in zip(runs, base))
+            entry["gradient_checkpointing"] = gc
+        comparisons.append(entry)
+    return results, comparisons
 
 
 def peak_memory_method(device: torch.device) -> str:

@@ -112,19 +112,10 @@ def generate(
         raise ValueError("compile_layers needs kv_cache='static'")
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, num_generations, pad_token_id, device)
-    if seeds is not None:
-        if len(seeds) != len(prompts):
-            raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
-        uniforms = prompt_uniforms(seeds, num_generations, max_new_tokens, device)
-    else:
-        generator = torch.Generator(device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        # Every step's random number for every row, drawn up front (see the module docstring).
-        uniforms = torch.rand((max_new_tokens, len(prompt_ids)), generator=generator, dtype=torch.float64,
-                              device=device)
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+    uniforms = prompt_uniforms(seeds, num_generations, max_new_tokens, device) if seeds is not None else \
+        _batch_uniforms(seed, len(prompt_ids), max_new_tokens, device)
     eos = torch.tensor(sorted(set(eos_token_ids)), device=device)
     skip = validate_skip_set(skip, len(decoder_layers(model)))
     kept = [layer for index, layer in enumerate(decoder_layers(model)) if index not in skip]
@@ -162,6 +153,17 @@ def generate(
         tokens_generated=int(completion_mask.sum()),
         compile_seconds=compiling,
     )
+
+
+def _batch_uniforms(seed: int | None, rows: int, max_new_tokens: int, device: torch.device) -> torch.Tensor:
+    """Float64 uniforms [max_new_tokens, rows]: every step's random number for every row, drawn up front from
+    one generator (see the module docstring); `seed=None` draws a fresh seed."""
+    generator = torch.Generator(device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return torch.rand((max_new_tokens, rows), generator=generator, dtype=torch.float64, device=device)
 
 
 def prompt_uniforms(seeds: Sequence[int], num_generations: int, max_new_tokens: int,

@@ -190,13 +190,7 @@ def _step(s: Session, step: int, stops: StopCheck) -> dict[str, Any]:
     stats = optimise(state.model, s.reference, state.optimizer, state.scheduler, batch, recipe, s.params,
                      state.masters, policy=state.policy, stop=stops)
     t4 = time.perf_counter()
-    robust = {}
-    if state.robustness is not None and state.robustness.due(step) and (target := state.sampler.next_layers(skip)):
-        robust = state.robustness.step(state.model, batch, target, s.params, state.policy,
-                                       recipe.objective.logprob_chunk_size)
-    measured_next = (robust["robust_skipped_layers"], robust["robust_kl_mu_pi"]) if robust else None
-    # The global KLs: every rank's controller agrees.
-    control = state.sampler.observe(skip, stats["kl_mu_pi"], measured_next)
+    robust, control = _adapt_skipping(s, step, skip, batch, stats["kl_mu_pi"])
     t5 = time.perf_counter()
 
     # The slowest rank sets the pace; tokens/sec is the whole batch's tokens over that time.
@@ -210,6 +204,27 @@ def _step(s: Session, step: int, stops: StopCheck) -> dict[str, Any]:
         "rollout_tokens_per_sec": world.sum(rollout.tokens_generated)[0] / times[5] if times[5] > 0 else 0.0,
         "peak_memory_mb": times[6],  # of this step: the peak is reset when the step starts
     }
+    _log_step(s, step, row, batch, examples)
+    return row
+
+
+def _adapt_skipping(s: Session, step: int, skip: tuple[int, ...], batch, kl_mu_pi: float) -> tuple[dict, dict]:
+    """Train the skip bridges on this batch when due (`robustness`), then let the skip controller see the KL
+    measured for this step's skip set (and the bridges' KL of the set it would try next). Returns both metric
+    groups; the KLs are global, so every rank's controller agrees."""
+    state = s.state
+    robust = {}
+    if state.robustness is not None and state.robustness.due(step) and (target := state.sampler.next_layers(skip)):
+        robust = state.robustness.step(state.model, batch, target, s.params, state.policy,
+                                       s.recipe.objective.logprob_chunk_size)
+    measured_next = (robust["robust_skipped_layers"], robust["robust_kl_mu_pi"]) if robust else None
+    return robust, state.sampler.observe(skip, kl_mu_pi, measured_next)
+
+
+def _log_step(s: Session, step: int, row: dict[str, Any], batch, examples) -> None:
+    """Complete the step's row (held-out pass@1 when due, a health warning, elapsed time), log it on the main
+    rank, save the rollouts when due, and count a non-finite update (raises after max_nonfinite_steps in a row)."""
+    recipe, world = s.recipe, s.world
     if s.eval_examples and step % recipe.train.eval_every == 0:
         row["eval_pass@1"] = _evaluate(s, step)
     if warning := s.health.check(row):
@@ -219,9 +234,8 @@ def _step(s: Session, step: int, stops: StopCheck) -> dict[str, Any]:
         s.run.log_metrics(row)
         s.tracker.log(row)
     if recipe.train.log_rollouts_every and step % recipe.train.log_rollouts_every == 0:
-        save_rollouts(s.run, step, batch, examples, group_size, world)
-    s.guard.step_done(step, stats["nonfinite_updates"])  # raises after max_nonfinite_steps in a row
-    return row
+        save_rollouts(s.run, step, batch, examples, recipe.rollout.num_generations, world)
+    s.guard.step_done(step, row["nonfinite_updates"])
 
 
 def _evaluate(s: Session, step: int) -> float:
