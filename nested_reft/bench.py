@@ -8,7 +8,8 @@ the way the recipe's `skipping.strategy` draws it, and reused across repeats.
 
 speedup = nested tokens/sec / baseline tokens/sec (the median of the per-repeat ratios); the ideal is L / (L - k)
 (only decoder layers are skipped: embedding, LM head and sampling cost the same in both modes, so efficiency =
-speedup / ideal < 1 is expected).
+speedup / ideal < 1 is expected). The FLOP ideal counts them: the baseline's decode model FLOPs over the nested
+mode's (the LM head included), so flop_efficiency = speedup / flop ideal is 1 when skipping saves all it can.
 
 The step split: each part's tokens per second (prefill: prompt tokens, each prompt once; decode: generated tokens;
 update: every row's prompt and completion tokens) and the fraction of this machine's peak its model FLOPs reach
@@ -149,6 +150,7 @@ class _Workload:
                   "compile_seconds": rollout.compile_seconds, "peak_memory_mb": peak_memory_mb(device),
                   "prefill_tokens_per_sec": prompt_tokens / rollout.prefill_seconds,
                   "decode_tokens_per_sec": rollout.tokens_generated / rollout.decode_seconds,
+                  "decode_flops": flops["decode"],
                   "prefill_flops_per_sec": flops["prefill"] / rollout.prefill_seconds,
                   "decode_flops_per_sec": flops["decode"] / rollout.decode_seconds}
         if self.what != "train":
@@ -252,8 +254,12 @@ def _summarise(modes: list[tuple], samples: list[list[dict[str, float]]], peak: 
         ideal = num_layers / (num_layers - len(skip))
         # The median of per-repeat ratios: each pair ran back to back, so slow phases of the machine cancel.
         speedup = statistics.median(n["tokens_per_sec"] / b["tokens_per_sec"] for n, b in zip(runs, base))
+        # L / (L - k) counts decoder layers only; the LM head, the embedding and sampling run in both modes. The
+        # FLOP ideal is the ratio of the decode's model FLOPs (head included), the most skipping can save.
+        flop_ideal = statistics.median(b["decode_flops"] / n["decode_flops"] for n, b in zip(runs, base))
         entry = {"skip_ratio": ratio, "num_skipped": len(skip), "speedup": speedup, "ideal_speedup": ideal,
-                 "efficiency": speedup / ideal}
+                 "efficiency": speedup / ideal, "flop_ideal_speedup": flop_ideal,
+                 "flop_efficiency": speedup / flop_ideal}
         if what == "train":
             entry["step_speedup"] = statistics.median(b["step_seconds"] / n["step_seconds"] for n, b in zip(runs, base))
             entry["gradient_checkpointing"] = gc

@@ -14,7 +14,8 @@ from nested_reft.cli.main import app
 from .tiny import write_examples, write_tiny_model
 
 
-COLUMNS = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "effic."]
+COLUMNS = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "effic.",
+           "FLOP ideal", "FLOP effic."]
 TRAIN_COLUMNS = ["step s", "gen s", "score s", "train s", "step x"]
 
 
@@ -29,7 +30,8 @@ def assert_table_in_full(output, report, what):
                   f"{r['decode_seconds']:.2f}", f"{r['peak_memory_mb']:.0f}"]
         if r["mode"] == "nested":
             c = by_ratio[r["skip_ratio"]]
-            values += [f"{c['speedup']:.3f}", f"{c['ideal_speedup']:.3f}", f"{c['efficiency']:.3f}"]
+            values += [f"{c[k]:.3f}" for k in ("speedup", "ideal_speedup", "efficiency", "flop_ideal_speedup",
+                                               "flop_efficiency")]
             values += [f"{c['step_speedup']:.3f}"] if what == "train" else []
         if what == "train":
             values += [f"{r[k]:.2f}" for k in ("step_seconds", "generate_seconds", "score_seconds", "train_seconds")]
@@ -60,6 +62,11 @@ def test_bench_report_and_plot(tmp_path, what):
     for c in out["comparisons"]:
         assert {"skip_ratio", "speedup", "ideal_speedup", "efficiency"} <= set(c)
         assert c["efficiency"] == pytest.approx(c["speedup"] / c["ideal_speedup"])
+        # Same tokens in every mode: the FLOP ideal is the decode FLOPs' ratio, below L / (L - k) by the head's share
+        nested = next(r for r in out["results"] if r["skip_ratio"] == c["skip_ratio"])
+        assert c["flop_ideal_speedup"] == pytest.approx(out["results"][0]["decode_flops"] / nested["decode_flops"])
+        assert 1 < c["flop_ideal_speedup"] < c["ideal_speedup"]
+        assert c["flop_efficiency"] == pytest.approx(c["speedup"] / c["flop_ideal_speedup"])
     assert out["comparisons"][1]["ideal_speedup"] == pytest.approx(6 / 3)
     base = out["results"][0]["tokens_per_sec_repeats"]
     for c, r in zip(out["comparisons"], out["results"][1:]):  # speedup: the median of paired per-repeat ratios

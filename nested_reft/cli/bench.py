@@ -56,14 +56,16 @@ def bench(
     title = (f"bench ({what}): {result['model']} on {result['device']}, {result['num_layers']} layers, "
              f"{result['settings']['sequences']} x {result['settings']['completion_length']} tokens, "
              f"precision {result['settings']['mixed_precision']}")
-    columns = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "effic."]
+    columns = ["mode", "ratio", "k", "tok/s", "prefill s", "decode s", "peak MB", "speedup", "ideal", "effic.",
+               "FLOP ideal", "FLOP effic."]
     if what == "train":
         columns += ["step s", "gen s", "score s", "train s", "step x", "train MB", "gc"]
     by_ratio = {(c["skip_ratio"], c.get("gradient_checkpointing")): c for c in result["comparisons"]}
     rows = []
     for r in result["results"]:
         c = by_ratio.get((r["skip_ratio"], r.get("gradient_checkpointing"))) if r["mode"] == "nested" else None
-        ratios = [f"{c[k]:.3f}" for k in ("speedup", "ideal_speedup", "efficiency")] if c else ["1.000", "1.000", "-"]
+        ratios = [f"{c[k]:.3f}" for k in ("speedup", "ideal_speedup", "efficiency", "flop_ideal_speedup",
+                                          "flop_efficiency")] if c else ["1.000", "1.000", "-", "1.000", "-"]
         row = [r["mode"], f"{r['skip_ratio']:.2f}", str(len(r["skipped_layers"])), f"{r['tokens_per_sec']:.1f}",
                f"{r['prefill_seconds']:.2f}", f"{r['decode_seconds']:.2f}", f"{r['peak_memory_mb']:.0f}", *ratios]
         if what == "train":
