@@ -192,9 +192,6 @@ class Parallel:
 
         set_optimizer_state_dict(self.root, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
-    def train_mode(self, training: bool) -> None:
-        self.root.train(training)
-
 
 def _all_reduce_bucket(params: list[nn.Parameter]) -> None:
     """Sum the gradients of `params` over ranks with one collective on a flat buffer."""

@@ -368,9 +368,3 @@ class MasterWeights:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._loss_scale and state:
             self._loss_scale = _LossScale(**state)
-
-    def remove_hooks(self) -> None:
-        """Stop routing gradients to the masters (the masters object is being discarded)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
