@@ -4,6 +4,7 @@ the set it trains, and in a run lets the adaptive controller skip more; resumes 
 import pytest
 import torch
 
+from nested_reft.checkpointing import load_trainer_state
 from nested_reft.distributed import World
 from nested_reft.models import load_model
 from nested_reft.parallel import no_parallel
@@ -88,6 +89,11 @@ def test_a_run_with_the_term_logs_it_and_resumes_bit_for_bit(tiny_run_inputs, tm
                 "num_skipped"} <= set(r) for r in rows)
     # the set it trains is the one the controller would try next: one layer more (of the 2 eligible)
     assert all(len(r["robust_skipped_layers"]) == min(r["num_skipped"] + 1, 2) for r in rows[1:])
+    # Something to resume: the policy was updated, and the bridges left their zero start (`up` starts at 0).
+    assert any(not r["update_skipped"] for r in rows[:2]) and any(not r["update_skipped"] for r in rows[2:])
+    latest = full.checkpoints_dir / (full.checkpoints_dir / "latest").read_text().strip()
+    bridges = load_trainer_state(latest)["robustness"]["bridges"]
+    assert max(v.abs().max().item() for k, v in bridges.items() if k.endswith("up.weight")) > 0
     recipe = tiny_recipe(model_dir, data, tmp_path / "resumed", *common)
     train_until(recipe, 2, reward)
     assert_same_run(full, train(recipe, resume=True, reward_fn=reward))
