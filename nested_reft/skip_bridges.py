@@ -5,8 +5,8 @@ low-rank residual update, h -> h + B A norm(h) (rank r, B initialised to 0, so a
 skip). One bridge per eligible layer; a rollout that skips layer i runs its bridge in its place. The policy never
 runs a bridge: the full model, its log-probs, its checkpoints and evaluation are exactly what RL makes them, and
 the behavior model is still the policy's own weights plus `2 r H` numbers per skipped layer (rank 32 on SmolLM2:
-37k per layer, 0.03% of it; on Qwen2.5-1.5B 98k per layer against 46M), at `4 r H` FLOPs a token, next to the
-~`24 H^2` of the layer it stands in for. The importance weights still correct whatever difference remains.
+37k per layer, 1% of its 3.5M and 0.03% of the model; on Qwen2.5-1.5B 98k per layer against 46M), at `4 r H`
+FLOPs a token, next to the ~`24 H^2` of the layer it stands in for. The importance weights still correct whatever difference remains.
 
 Why parameters of their own rather than training the shared weights to be skippable: measured on SmolLM2-135M,
 skipping its 8 cheapest layers, KL(mu_S || pi) held out on 12 prompts fell from 5.96 to 2.72 nats/token in 18
