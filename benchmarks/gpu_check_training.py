@@ -26,7 +26,7 @@ from nested_reft.sampling import SamplingParams
 from nested_reft.scoring import ScoredRollout
 from nested_reft.skipping import SkipSampler
 from nested_reft.trainer import train
-from nested_reft.update import lr_lambda, optimise
+from nested_reft.update import optimise, optimizer_and_schedule
 
 GPU_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gpu" / "qwen2.5-math-1.5b-gsm8k.yaml"
 EOS = "<|endoftext|>"  # Qwen2.5's
@@ -55,8 +55,9 @@ def first_token_parity(_text: str, ids: list[int], _example: Any) -> tuple[float
 
 def update_step(config, sizes: dict[str, Any], device: torch.device, prompts: list[list[int]]) -> dict[str, Any]:
     """One step of the shipped update (`optimise` with `MasterWeights`: float32 masters, bf16 compute, the LM head
-    in the recipe's `head_dtype`, gradient checkpointing on CUDA) on a batch sampled by the skipped model and scored as the trainer would.
-    Timed after one warm-up step (allocator, AdamW states); the peak memory is the timed step's."""
+    in the recipe's `head_dtype`, gradient checkpointing on CUDA) on a batch sampled by the skipped model and scored
+    as the trainer would. Timed after one warm-up step (allocator, AdamW states); the peak memory is the timed
+    step's."""
     completion = sizes["update_completion_len"]
     recipe = shipped_recipe(device, sizes, completion)
     torch.manual_seed(0)
@@ -67,18 +68,14 @@ def update_step(config, sizes: dict[str, Any], device: torch.device, prompts: li
     params = SamplingParams(recipe.rollout.temperature, recipe.rollout.top_k, recipe.rollout.top_p)
     _, skip = SkipSampler.from_config(recipe.skipping, config.num_hidden_layers, recipe.run.seed).sample()
     group = recipe.rollout.num_generations
-    rollout = generate(model, prompts,
-                       num_generations=group, max_new_tokens=completion, min_new_tokens=completion, params=params,
-                       eos_token_ids=[config.eos_token_id], pad_token_id=0, skip=skip, seed=0,
+    rollout = generate(model, prompts, num_generations=group, max_new_tokens=completion, min_new_tokens=completion,
+                       params=params, eos_token_ids=[config.eos_token_id], pad_token_id=0, skip=skip, seed=0,
                        kv_cache=recipe.rollout.kv_cache, cuda_graphs=recipe.rollout.cuda_graphs)
     scored = [first_token_parity("", ids, None) for ids in rollout.completions()]  # as `scoring.score` does
     rewards = torch.tensor([reward for reward, _ in scored])
     batch = ScoredRollout(rollout, rewards, [correct for _, correct in scored], [""] * len(scored),
                           group_advantages(rewards, group, recipe.objective.scale_rewards))
-    opt = recipe.optimizer
-    optimizer = torch.optim.AdamW(masters.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, recipe.train.steps,
-                                                                       opt.schedule))
+    optimizer, scheduler = optimizer_and_schedule(masters.params, recipe)
     optimise(model, None, optimizer, scheduler, batch, recipe, params, masters)  # warm-up
     synced(time.perf_counter(), device)
     reset_peak_memory(device)

@@ -64,7 +64,7 @@ from nested_reft.skip_control import LayerCosts
 from nested_reft.skipping import SkipSampler, decoder_layers
 from nested_reft.stopping import GracefulStop, StepAbandoned, StopCheck, TrainingStopped
 from nested_reft.tracking import Tracker
-from nested_reft.update import Reference, lr_lambda, optimise
+from nested_reft.update import Reference, optimise, optimizer_and_schedule
 
 LAYER_COSTS = "layer_costs.json"  # in reports/: the per-layer skip costs a run measured for itself
 PROBE_ROWS = 4  # completions (one per prompt) the per-layer cost probe runs on: ~1 forward per eligible layer
@@ -283,10 +283,7 @@ def _start(recipe: Recipe, world: World, *, resume: bool, overwrite: bool, rewar
     # Costs this run measured before it stopped; a resume without a checkpoint starts over and measures again.
     if checkpoint is not None and sampler.needs_costs and costs_path.is_file():
         sampler.set_costs(LayerCosts.read(costs_path, sampler.num_layers))
-    opt = recipe.optimizer
-    optimizer = torch.optim.AdamW(masters.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    total_updates = recipe.train.steps * recipe.objective.num_iterations
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, total_updates, opt.schedule))
+    optimizer, scheduler = optimizer_and_schedule(masters.params, recipe)
     device = next(model.parameters()).device
     robustness = Robustness(model, recipe.skipping, sampler.eligible, world) if recipe.skipping.robustness_weight else None
     state = TrainingState(model, tokenizer, adapters, masters, policy, optimizer, scheduler, stream, sampler, world,

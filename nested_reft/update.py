@@ -92,6 +92,16 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[i
     return factor
 
 
+def optimizer_and_schedule(params, recipe: Recipe) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The run's AdamW over `params` (the master weights) with the recipe's settings, and its learning-rate schedule
+    over every optimiser step of the run (`train.steps` x `objective.num_iterations`)."""
+    opt = recipe.optimizer
+    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    total_updates = recipe.train.steps * recipe.objective.num_iterations
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, total_updates,
+                                                                             opt.schedule))
+
+
 @dataclass
 class MicroBatch:
     """Rows that run one forward (and backward) together, and the columns they need."""
