@@ -9,9 +9,10 @@ the behavior model is still the policy's own weights plus `2 r H` numbers per sk
 FLOPs a token, next to the ~`24 H^2` of the layer it stands in for. The importance weights still correct whatever difference remains.
 
 Why parameters of their own rather than training the shared weights to be skippable: measured on SmolLM2-135M,
-skipping its 8 cheapest layers, KL(mu_S || pi) held out on 12 prompts fell from 5.96 to 2.72 nats/token in 18
-steps of rank-32 bridges (AdamW, lr 1e-3) with the policy unchanged, against 3.56 with the shared weights trained
-at lr 1e-5, which also moved the policy (KL(pi_new || pi_0) 0.013). See `robustness` for how they are trained.
+skipping its 8 cheapest layers, KL(mu_S || pi) held out on 12 prompts fell from 5.83 to 1.72 nats/token in 18
+steps of rank-32 bridges (AdamW, lr 1e-3) with the policy unchanged, against 2.90 with the shared weights trained
+at lr 1e-5, which also moved the policy (KL(pi_new || pi_0) 0.034); `benchmarks/bridges_vs_shared.py`. See
+`robustness` for how they are trained.
 
 Bridges compute in float32 whatever the model's compute dtype (their input is upcast, their output cast back):
 they are tiny, and their updates are small.
