@@ -52,6 +52,12 @@ def main() -> None:
             if on_step:
                 on_step(row)
             if row["step"] == config.get("stop_after"):
+                # The product never lets a rank leave the group while rank 0 is still writing: both of its exits
+                # (the end of training and a stop) pass a collective first. This simulated kill does the same, so
+                # no rank tears gloo down under a peer that is mid-checkpoint (CI once saw a rank abort at exit,
+                # "terminate called without an active exception", when it did not).
+                if torch.distributed.is_initialized():
+                    torch.distributed.barrier()
                 raise Stop
 
         return original(cfg, on_step=counted, reward_fn=reward, **kwargs)
