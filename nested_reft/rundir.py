@@ -59,7 +59,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise UserError(f"{path}: cannot write ({_reason(e)})") from None
+        raise UserError(f"{path}: cannot write ({_broken_link(path.parent) or _reason(e)})") from None
     try:
         os.fchmod(fd, ordinary_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -89,6 +89,8 @@ def ensure_writable(path: Path, what: str, *, folder: bool = False) -> None:
     if path.exists() and not path.is_dir() and folder:
         raise UserError(f"{what} {path}: is a file; expected a folder")
     target = path if folder else path.parent
+    if broken := _broken_link(target):
+        raise UserError(f"{what} {path}: cannot write ({broken})")
     existing = target
     while not existing.exists():  # the nearest existing ancestor must be a folder we can write in
         existing = existing.parent
@@ -103,6 +105,15 @@ def ensure_writable(path: Path, what: str, *, folder: bool = False) -> None:
             os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".nested-reft-probe-", suffix=".tmp"))
     except OSError as e:
         raise UserError(f"{what} {path}: cannot write in {existing} ({_reason(e)})") from None
+
+
+def _broken_link(folder: Path) -> str | None:
+    """Why `folder` cannot be created, if one of it or its ancestors is a symbolic link to nothing (mkdir would
+    only say "File exists"); None otherwise."""
+    for part in [*reversed(folder.parents), folder]:
+        if part.is_symlink() and not part.exists():
+            return f"{part} is a symbolic link to {os.readlink(part)}, which does not exist"
+    return None
 
 
 def _reason(error: OSError) -> str:

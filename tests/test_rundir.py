@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -273,3 +275,26 @@ def test_ensure_writable_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match=r"--report .*: is a folder; expected a file path"):
         ensure_writable(tmp_path, "--report")
+
+
+def test_a_folder_that_is_a_broken_symbolic_link_is_named(tmp_path):
+    """A committed or copied link to another machine's folder: mkdir only says "File exists"."""
+    (tmp_path / "data").symlink_to(tmp_path / "elsewhere" / "data")
+    out = tmp_path / "data" / "train.jsonl"
+    expected = r"data is a symbolic link to .*elsewhere/data, which does not exist"
+    with pytest.raises(UserError, match=r"--out .*train\.jsonl: cannot write \(.*" + expected):
+        ensure_writable(out, "--out")
+    with pytest.raises(UserError, match=expected):
+        atomic_write_text(out, "x")
+    with pytest.raises(UserError, match=expected):
+        ensure_writable(tmp_path / "data" / "run", "run.output_dir", folder=True)
+
+
+def test_the_repository_tracks_no_symbolic_links():
+    """A tracked link points into one machine's folders: on a fresh clone it dangles (the quickstart's `data`
+    link to a study folder once broke `prepare-data` there)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    listing = subprocess.run(["git", "ls-files", "-s"], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert [line.split("\t")[1] for line in listing.splitlines() if line.startswith("120000")] == []
