@@ -132,3 +132,32 @@ def test_quickstart_two_steps_under_torchrun_with_two_ranks(arithmetic_data, tmp
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step-2"
     assert AutoModelForCausalLM.from_pretrained(latest).config.num_hidden_layers == 30
+
+
+def test_the_quickstart_scripts_commands_run_in_a_fresh_clone(tmp_path):
+    """The main job's own commands, read from scripts/quickstart.sh and shortened (one training step of 16
+    tokens, 4 problems scored), run in a `git clone` of this repository: what a new machine holds, without this
+    checkout's ignored files (data/, runs/). A tracked link to one machine's data folder once broke the
+    quickstart's first command on every fresh clone while every other test passed."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: there is no committed tree to clone")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    script = (clone / "scripts" / "quickstart.sh").read_text().splitlines()
+    commands = [[a for a in shlex.split(line)[1:] if a != "$@"] for line in script if line.startswith('"$cli" ')]
+    assert [c[0] for c in commands] == ["prepare-data", "prepare-data", "train", "evaluate"]
+    shorter = {"train": ["--set", "train.steps=1", "--set", "rollout.max_completion_length=16"],
+               "evaluate": ["--limit", "4", "--max-new-tokens", "16"]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(clone)}
+    for argv in commands:
+        done = subprocess.run([sys.executable, "-m", "nested_reft", *argv, *shorter.get(argv[0], [])], cwd=clone,
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (argv, done.stdout[-2000:], done.stderr[-2000:])
+    assert (clone / "runs" / "quickstart" / "checkpoints" / "step-1").is_dir()
+    compared = json.loads((clone / "runs" / "quickstart" / "reports" / "evaluate.compare.json").read_text())
+    assert compared["n"] == 4
