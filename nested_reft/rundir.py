@@ -108,11 +108,12 @@ def ensure_writable(path: Path, what: str, *, folder: bool = False) -> None:
 
 
 def _broken_link(folder: Path) -> str | None:
-    """Why `folder` cannot be created, if one of it or its ancestors is a symbolic link to nothing (mkdir would
-    only say "File exists"); None otherwise."""
-    for part in [*reversed(folder.parents), folder]:
-        if part.is_symlink() and not part.exists():
-            return f"{part} is a symbolic link to {os.readlink(part)}, which does not exist"
+    """Why `folder` cannot be created, if it or a missing ancestor is a symbolic link to nothing (mkdir would only
+    say "File exists"); None otherwise. Only missing paths are looked at: below a broken link nothing exists."""
+    while not folder.exists() and folder != folder.parent:
+        if folder.is_symlink():
+            return f"{folder} is a symbolic link to {os.readlink(folder)}, which does not exist"
+        folder = folder.parent
     return None
 
 

@@ -139,10 +139,11 @@ def test_the_quickstart_scripts_commands_run_in_a_fresh_clone(tmp_path):
     tokens, 4 problems scored), run in a `git clone` of this repository: what a new machine holds, without this
     checkout's ignored files (data/, runs/). A tracked link to one machine's data folder once broke the
     quickstart's first command on every fresh clone while every other test passed."""
-    import os
     import shlex
     import subprocess
     import sys
+
+    from .launch import rank_env
 
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout: there is no committed tree to clone")
@@ -153,7 +154,7 @@ def test_the_quickstart_scripts_commands_run_in_a_fresh_clone(tmp_path):
     assert [c[0] for c in commands] == ["prepare-data", "prepare-data", "train", "evaluate"]
     shorter = {"train": ["--set", "train.steps=1", "--set", "rollout.max_completion_length=16"],
                "evaluate": ["--limit", "4", "--max-new-tokens", "16"]}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(clone)}
+    env = rank_env({"PYTHONPATH": str(clone)})  # the clone's package, not this checkout's
     for argv in commands:
         done = subprocess.run([sys.executable, "-m", "nested_reft", *argv, *shorter.get(argv[0], [])], cwd=clone,
                               env=env, capture_output=True, text=True, timeout=900)

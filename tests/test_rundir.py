@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -17,6 +16,8 @@ from nested_reft.rundir import (
     ordinary_mode,
     resolve_model_path,
 )
+
+from .launch import REPO
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
@@ -293,8 +294,7 @@ def test_a_folder_that_is_a_broken_symbolic_link_is_named(tmp_path):
 def test_the_repository_tracks_no_symbolic_links():
     """A tracked link points into one machine's folders: on a fresh clone it dangles (the quickstart's `data`
     link to a study folder once broke `prepare-data` there)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / ".git").exists():
+    if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    listing = subprocess.run(["git", "ls-files", "-s"], cwd=root, capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert [line.split("\t")[1] for line in listing.splitlines() if line.startswith("120000")] == []
